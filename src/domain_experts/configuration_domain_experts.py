@@ -1,0 +1,67 @@
+# Copyright 2026 The domain_experts authors. Licensed under the Apache License, Version 2.0.
+"""DomainExperts model configuration.
+
+This file is copied next to every saved model and loaded with `trust_remote_code=True`, so it imports only
+`transformers` and must stay self-contained.
+"""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+def control_token_for(domain_name: str) -> str:
+    """The control token that routes a sequence to `domain_name`, e.g. `<|domain:recipes|>`."""
+    return f"<|domain:{domain_name}|>"
+
+
+class DomainExpertsConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`DomainExpertsForCausalLM`]: a frozen backbone causal LM plus, for each domain, expansion
+    blocks and domain-owned token embeddings.
+
+    Args:
+        backbone_config (`dict` or `PretrainedConfig`):
+            The configuration of the frozen backbone (any causal LM: Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ...).
+        domains (`dict[str, dict]`, *optional*):
+            One entry per domain, in the order the domains were added. Each entry holds
+            - `"expansion_layers"` (`list[int]`): for every expansion block, the index of the backbone decoder layer
+              after which it runs (and of which it is a copy). Repeated indices stack blocks at the same depth.
+            - `"token_ids"` (`list[int]`): the ids of the tokens the domain owns; the first is its control token.
+            - `"tokens"` (`list[str]`): the strings of those tokens.
+        vocab_size (`int`, *optional*):
+            Size of the id space: the backbone vocabulary plus every id ever given to a domain token. It only grows,
+            so the ids of a removed domain are never reused for another one.
+        bos_token_id (`int`, *optional*):
+            A routing control token may follow this token at the start of a sequence.
+    """
+
+    model_type = "domain_experts"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    backbone_config: dict | PretrainedConfig | None = None
+    domains: dict | None = None
+    vocab_size: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.domains is None:
+            self.domains = {}
+        backbone_vocab_size = self.backbone_config.get_text_config(decoder=True).vocab_size
+        if self.vocab_size is None:
+            self.vocab_size = backbone_vocab_size
+        if self.vocab_size < backbone_vocab_size:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is smaller than the backbone's vocabulary ({backbone_vocab_size})."
+            )
+
+    @property
+    def backbone_vocab_size(self) -> int:
+        return self.backbone_config.get_text_config(decoder=True).vocab_size
+
+    @property
+    def num_backbone_layers(self) -> int:
+        return self.backbone_config.get_text_config(decoder=True).num_hidden_layers
+
+
+__all__ = ["DomainExpertsConfig", "control_token_for"]

@@ -1,0 +1,699 @@
+# Copyright 2026 The domain_experts authors. Licensed under the Apache License, Version 2.0.
+"""DomainExperts: one frozen causal LM serving several domains through per-domain expansion blocks.
+
+This file is copied next to every saved model and loaded with `trust_remote_code=True`, so it imports only torch,
+transformers and `configuration_domain_experts.py`, and must stay self-contained.
+
+How a forward pass works:
+
+1. Every row of the batch is routed: to the domain whose control token (`<|domain:NAME|>`) is its first token
+   (after an optional BOS), or to the bare backbone (domain index -1).
+2. Input embeddings come from the frozen backbone, except for ids past the backbone vocabulary: those are domain
+   tokens, embedded by the domain that owns them. A row may only contain tokens of its own domain.
+3. The backbone runs its own forward. A forward hook on each of its decoder layers runs, after that layer, the
+   expansion blocks that a domain placed there, on that domain's rows only, with the very inputs (attention mask,
+   rotary embeddings, position ids) the backbone gave the layer they sit beside.
+4. Logits over the backbone vocabulary are the backbone's own; domain-token columns are `-inf` (control tokens are
+   never generated).
+
+Rows routed to the bare backbone never touch a domain parameter, so their logits are bit-identical to the backbone's.
+"""
+
+import copy
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_domain_experts import DomainExpertsConfig, control_token_for
+
+
+logger = logging.get_logger(__name__)
+
+# Names of the projections that write a decoder block's attention and MLP outputs into the residual stream, across
+# the common causal LM families (Llama/Qwen2/Mistral/Gemma: o_proj, down_proj; GPT-2: c_proj; GPT-NeoX: dense,
+# dense_4h_to_h; OPT/GPT-Neo/Phi: out_proj, fc2; T5-style and MoE experts: wo, w2). Zeroing them turns a copied
+# block into an exact identity, the LLaMA Pro initialisation.
+RESIDUAL_OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "out_proj", "fc2", "wo", "w2")
+
+BASE_ROUTE = -1
+"""Domain index of a row that runs on the bare backbone."""
+
+
+def find_decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The `nn.ModuleList` holding the backbone's decoder blocks (`model.layers`, `transformer.h`, ...)."""
+    num_layers = backbone.config.get_text_config(decoder=True).num_hidden_layers
+    for _, module in backbone.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(
+        f"Cannot find the decoder layers of {type(backbone).__name__}: no nn.ModuleList of num_hidden_layers="
+        f"{num_layers} blocks. DomainExperts needs a backbone whose decoder blocks sit in one nn.ModuleList."
+    )
+
+
+def make_identity_block(layer: nn.Module, cache_index: int) -> nn.Module:
+    """A trainable copy of decoder `layer` whose output equals its input exactly, writing its KV cache at `cache_index`.
+
+    The residual-stream output projections of attention and MLP are zeroed, so the block adds exact zeros to its input.
+    """
+    block = copy.deepcopy(layer)
+    zeroed = []
+    for name, module in block.named_modules():
+        if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUT_PROJECTIONS and getattr(module, "weight", None) is not None:
+            with torch.no_grad():
+                module.weight.zero_()
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            zeroed.append(name)
+    if len(zeroed) < 2:
+        raise ValueError(
+            f"Cannot make an identity expansion block from {type(layer).__name__}: expected its attention and MLP "
+            f"output projections among submodules named {RESIDUAL_OUTPUT_PROJECTIONS}, found {zeroed or 'none'}."
+        )
+    set_cache_index(block, cache_index)
+    block.requires_grad_(True)
+    return block
+
+
+def set_cache_index(block: nn.Module, cache_index: int) -> None:
+    """Point every attention module in `block` at KV-cache layer `cache_index`."""
+    for module in block.modules():
+        if isinstance(getattr(module, "layer_idx", None), int):
+            module.layer_idx = cache_index
+
+
+class DomainExpansion(nn.Module):
+    """The parameters one domain adds to the backbone.
+
+    Attributes:
+        blocks (`nn.ModuleDict[str, nn.ModuleList]`): expansion blocks keyed by the backbone layer index they follow.
+        token_embeddings (`nn.Parameter` of shape `(num_tokens, hidden_size)`): input embeddings of the domain's own
+            tokens, in the order of `config.domains[name]["token_ids"]`; row 0 is the control token.
+    """
+
+    def __init__(self, decoder_layers: nn.ModuleList, expansion_layers: list[int], token_embeddings: torch.Tensor):
+        super().__init__()
+        self.blocks = nn.ModuleDict()
+        for layer_index in expansion_layers:
+            depth = str(layer_index)
+            if depth not in self.blocks:
+                self.blocks[depth] = nn.ModuleList()
+            # The cache index is reassigned by the model once all domains are known.
+            self.blocks[depth].append(make_identity_block(decoder_layers[layer_index], cache_index=-1))
+        self.token_embeddings = nn.Parameter(token_embeddings)
+
+
+class _RowSubsetCache:
+    """The KV cache as seen by the expansion blocks of one domain, which run on the batch rows `rows` only.
+
+    Expansion layers keep full-batch storage (zeros in the rows of other routes) so that every cache operation of
+    generation (beam reordering, repeat-interleave, cropping) stays valid; this view scatters the sub-batch's new keys
+    and values into it and gathers the sub-batch's history back.
+    """
+
+    def __init__(self, cache, rows: torch.Tensor, batch_size: int):
+        self.cache = cache
+        self.rows = rows
+        self.batch_size = batch_size
+
+    def _scatter(self, states: torch.Tensor) -> torch.Tensor:
+        full = states.new_zeros((self.batch_size, *states.shape[1:]))
+        return full.index_copy(0, self.rows, states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.cache.update(self._scatter(key_states), self._scatter(value_states), layer_idx, *args, **kwargs)
+        return keys.index_select(0, self.rows), values.index_select(0, self.rows)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+def _select_rows(value, rows: torch.Tensor, batch_size: int):
+    """`value` restricted to batch rows `rows`: batch-first tensors (ndim >= 2) are sliced, caches get a row view."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 2 and value.shape[0] == batch_size:
+            return value.index_select(0, rows)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_rows(item, rows, batch_size) for item in value)
+    if hasattr(value, "update") and hasattr(value, "get_seq_length"):
+        return _RowSubsetCache(value, rows, batch_size)
+    return value
+
+
+class DomainExpertsPreTrainedModel(PreTrainedModel):
+    config_class = DomainExpertsConfig
+    config: DomainExpertsConfig
+    base_model_prefix = "domain_experts"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Nothing to draw at random: the backbone brings its own weights (pretrained, or initialised by its own class
+        # when built from a config) and domain parameters are copies made exact identities in `add_domain`. Running an
+        # initialiser here would overwrite them (transformers calls this on every module of a custom model).
+        return
+
+
+class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
+    r"""
+    A frozen causal LM (the backbone) extended with per-domain expansion blocks and domain tokens.
+
+    Build one with [`~DomainExpertsForCausalLM.from_backbone`], add domains with [`~DomainExpertsForCausalLM.add_domain`],
+    train the parameters of [`~DomainExpertsForCausalLM.domain_parameters`], and use it as any transformers causal LM
+    (`forward` with `labels`, `generate`, `save_pretrained`, `from_pretrained`).
+
+    Example:
+
+    ```python
+    >>> from domain_experts import DomainExpertsForCausalLM
+    >>> model = DomainExpertsForCausalLM.from_backbone("HuggingFaceTB/SmolLM2-135M")
+    >>> model.add_domain("recipes", num_blocks=4)
+    >>> inputs = model.tokenize(["Title: Pancakes"], domain="recipes")
+    >>> model.generate(**inputs, max_new_tokens=20)
+    ```
+    """
+
+    def __init__(self, config: DomainExpertsConfig, backbone: PreTrainedModel | None = None, tokenizer=None):
+        super().__init__(config)
+        if backbone is None:
+            backbone = AutoModelForCausalLM.from_config(config.backbone_config)
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.tokenizer = tokenizer
+        self.domains = nn.ModuleDict()
+        for name, settings in config.domains.items():
+            hidden_size = self.backbone.get_input_embeddings().embedding_dim
+            embeddings = torch.zeros(len(settings["token_ids"]), hidden_size)
+            self.domains[name] = DomainExpansion(self._decoder_layers, settings["expansion_layers"], embeddings)
+        self._assign_cache_indices()
+        # Routing of the batch in flight, read by the hooks: {domain index: rows}; None outside a forward pass.
+        self._active_routes: dict[int, torch.Tensor] | None = None
+        for layer_index, layer in enumerate(self._decoder_layers):
+            layer.register_forward_hook(partial(self._run_expansion_blocks, layer_index), with_kwargs=True)
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Construction and domain management
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: PreTrainedModel | str,
+        tokenizer=None,
+        **from_pretrained_kwargs,
+    ) -> "DomainExpertsForCausalLM":
+        """Wrap a causal LM, freezing all of its parameters.
+
+        Args:
+            backbone: a loaded causal LM, or a model id / path passed to `AutoModelForCausalLM.from_pretrained`.
+            tokenizer: the backbone's tokenizer (loaded from `backbone` when that is an id or path and this is None).
+                Domain control tokens are added to it.
+            from_pretrained_kwargs: passed to `from_pretrained` when `backbone` is an id or path.
+        """
+        if isinstance(backbone, str):
+            name_or_path = backbone
+            backbone = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    name_or_path, **{k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "token")}
+                )
+        if not isinstance(backbone, PreTrainedModel) or not hasattr(backbone, "get_input_embeddings"):
+            raise TypeError(f"backbone must be a transformers causal LM or a model id, got {type(backbone).__name__}.")
+        if isinstance(backbone, DomainExpertsForCausalLM):
+            raise TypeError("backbone is already a DomainExpertsForCausalLM; add domains to it directly.")
+        find_decoder_layers(backbone)  # fail early, with a clear message, on an architecture we cannot extend
+        backbone_config = backbone.config
+        text_config = backbone_config.get_text_config(decoder=True)
+        bos_token_id = tokenizer.bos_token_id if tokenizer is not None else text_config.bos_token_id
+        config = DomainExpertsConfig(
+            backbone_config=backbone_config,
+            bos_token_id=bos_token_id if isinstance(bos_token_id, int) else None,
+            eos_token_id=text_config.eos_token_id,
+            pad_token_id=text_config.pad_token_id,
+            attn_implementation=backbone_config._attn_implementation,
+        )
+        model = cls(config, backbone=backbone, tokenizer=tokenizer)
+        model.generation_config = copy.deepcopy(backbone.generation_config)
+        return model
+
+    @property
+    def _decoder_layers(self) -> nn.ModuleList:
+        # Looked up, not stored: an attribute holding the ModuleList would register the backbone layers twice.
+        return find_decoder_layers(self.backbone)
+
+    @property
+    def domain_names(self) -> list[str]:
+        """Names of the domains, in the order they were added."""
+        return list(self.domains.keys())
+
+    def add_domain(
+        self,
+        name: str,
+        num_blocks: int = 4,
+        expansion_layers: list[int] | None = None,
+    ) -> None:
+        """Add a domain: expansion blocks that start as exact identities, and a control token `<|domain:NAME|>`.
+
+        Args:
+            name: the domain's name (letters, digits, `_`, `-` and `.`).
+            num_blocks: how many expansion blocks, spread evenly over the depth (block `i` follows the last layer of
+                the `i`-th of `num_blocks` equal groups of backbone layers, as in LLaMA Pro).
+            expansion_layers: instead of `num_blocks`, the backbone layer index after which each block runs.
+        """
+        if not name or not all(c.isalnum() or c in "_-." for c in name):
+            raise ValueError(f"Invalid domain name {name!r}: use letters, digits, '_', '-' and '.'.")
+        if name in self.domains:
+            raise ValueError(f"Domain {name!r} already exists; remove it first or pick another name.")
+        num_layers = len(self._decoder_layers)
+        if expansion_layers is None:
+            if not 1 <= num_blocks <= num_layers:
+                raise ValueError(f"num_blocks must be between 1 and the backbone's {num_layers} layers, got {num_blocks}.")
+            expansion_layers = [(i + 1) * num_layers // num_blocks - 1 for i in range(num_blocks)]
+        expansion_layers = sorted(int(i) for i in expansion_layers)
+        if not expansion_layers or not all(0 <= i < num_layers for i in expansion_layers):
+            raise ValueError(
+                f"expansion_layers must be a non-empty list of layer indices in [0, {num_layers}), got {expansion_layers}."
+            )
+
+        token = control_token_for(name)
+        token_id = self._new_token_id(token)
+        input_embeddings = self.backbone.get_input_embeddings().weight
+        # A new token starts at the mean input embedding: a neutral point the domain moves during training.
+        control_embedding = input_embeddings.detach().float().mean(dim=0, keepdim=True).to(input_embeddings.dtype)
+        domain = DomainExpansion(self._decoder_layers, expansion_layers, control_embedding.clone())
+        domain.to(device=input_embeddings.device)
+        self.domains[name] = domain
+        self.config.domains[name] = {"expansion_layers": expansion_layers, "token_ids": [token_id], "tokens": [token]}
+        self.config.vocab_size = max(self.config.vocab_size, token_id + 1)
+        self._assign_cache_indices()
+        logger.info(f"Added domain {name!r}: {len(expansion_layers)} blocks after layers {expansion_layers}, {token}={token_id}.")
+
+    def remove_domain(self, name: str) -> None:
+        """Remove a domain and all of its parameters. Its token ids stay reserved and are never given to another domain."""
+        self._check_domain(name)
+        del self.domains[name]
+        del self.config.domains[name]
+        self._assign_cache_indices()
+
+    def domain_parameters(self, name: str):
+        """The trainable parameters of domain `name` (and of no other domain), e.g. for an optimizer."""
+        self._check_domain(name)
+        return self.domains[name].parameters()
+
+    def control_token_id(self, name: str) -> int:
+        """The id of `<|domain:NAME|>`."""
+        self._check_domain(name)
+        return self.config.domains[name]["token_ids"][0]
+
+    def _check_domain(self, name: str) -> None:
+        if name not in self.domains:
+            known = ", ".join(repr(n) for n in self.domains) or "none"
+            raise KeyError(f"Unknown domain {name!r}; this model has: {known}.")
+
+    def _new_token_id(self, token: str) -> int:
+        """The id for a new domain token: past the backbone vocabulary and every id already given out."""
+        next_id = self.config.vocab_size
+        if self.tokenizer is None:
+            return next_id
+        existing = self.tokenizer.convert_tokens_to_ids(token)
+        if existing is not None and existing != self.tokenizer.unk_token_id and existing >= self.config.backbone_vocab_size:
+            # Re-adding a removed domain: its token kept its id in the tokenizer.
+            owner = self._token_owner_table()[existing].item() if existing < self.config.vocab_size else BASE_ROUTE
+            if owner == BASE_ROUTE:
+                return existing
+        if len(self.tokenizer) < next_id:
+            # The tokenizer is smaller than the embedding table (a padded vocabulary): fill the gap with reserved tokens
+            # so the new token's id falls past the backbone's embeddings.
+            gap = range(len(self.tokenizer), next_id)
+            self.tokenizer.add_special_tokens(
+                {"additional_special_tokens": [f"<|domain_experts:reserved_{i}|>" for i in gap]},
+                replace_extra_special_tokens=False,
+            )
+        self.tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id < next_id:
+            raise ValueError(f"The tokenizer gave {token} id {token_id}, which is already in use (ids below {next_id}).")
+        # Plain text must never produce a control token; callers ask for one with `tokenize(..., domain=...)`.
+        self.tokenizer.split_special_tokens = True
+        self.tokenizer.init_kwargs["split_special_tokens"] = True  # saved with the tokenizer
+        return token_id
+
+    def _assign_cache_indices(self) -> None:
+        """Give every expansion block its own KV-cache layer, numbered after the backbone's layers."""
+        cache_index = self.config.num_backbone_layers
+        self._cache_templates = []  # for each expansion cache index past the backbone, the layer it sits beside
+        for domain in self.domains.values():
+            for depth, blocks in domain.blocks.items():
+                for block in blocks:
+                    set_cache_index(block, cache_index)
+                    self._cache_templates.append(int(depth))
+                    cache_index += 1
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Routing and token tables
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _token_owner_table(self) -> torch.Tensor:
+        """LongTensor of shape `(vocab_size,)`: for each id, the index of the domain owning it, or -1."""
+        owner = torch.full((self.config.vocab_size,), BASE_ROUTE, dtype=torch.long)
+        for index, name in enumerate(self.domains):
+            owner[self.config.domains[name]["token_ids"]] = index
+        return owner
+
+    def _control_token_table(self) -> torch.Tensor:
+        """LongTensor of shape `(vocab_size,)`: the domain index a control token routes to, or -1 for other ids."""
+        table = torch.full((self.config.vocab_size,), BASE_ROUTE, dtype=torch.long)
+        for index, name in enumerate(self.domains):
+            table[self.config.domains[name]["token_ids"][0]] = index
+        return table
+
+    def route(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
+        """Route each row: the index (in `domain_names`) of the domain whose control token starts it, or -1.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): whole sequences, from their start.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for real tokens;
+                the first real token of a left-padded row is its start.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch_size,)`.
+        """
+        # The place a learned gate would decide rows without a control token; they run on the bare backbone.
+        if attention_mask is not None and attention_mask.dim() == 2:
+            start = attention_mask.long().argmax(dim=1)
+        else:
+            start = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        first = input_ids.gather(1, start[:, None])[:, 0]
+        second = input_ids.gather(1, (start + 1).clamp(max=input_ids.shape[1] - 1)[:, None])[:, 0]
+        candidate = first
+        if self.config.bos_token_id is not None:
+            candidate = torch.where(first == self.config.bos_token_id, second, first)
+        table = self._control_token_table().to(input_ids.device)
+        return table[candidate.clamp(0, self.config.vocab_size - 1)]
+
+    def _check_input_ids(self, input_ids: torch.LongTensor, domain_ids: torch.LongTensor) -> None:
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids in "
+                             f"[{input_ids.min().item()}, {input_ids.max().item()}].")
+        domain_tokens = input_ids >= self.config.backbone_vocab_size
+        if not domain_tokens.any():
+            return
+        owner = self._token_owner_table().to(input_ids.device)[input_ids]
+        foreign = domain_tokens & ((owner == BASE_ROUTE) | (owner != domain_ids[:, None]))
+        if foreign.any():
+            row, position = (int(i) for i in foreign.nonzero()[0])
+            token_id = int(input_ids[row, position])
+            owner_name = self.domain_names[owner[row, position]] if owner[row, position] >= 0 else None
+            row_route = self.domain_names[domain_ids[row]] if domain_ids[row] >= 0 else "the bare backbone"
+            raise ValueError(
+                f"Row {row} is routed to {row_route!s} but holds token id {token_id} at position {position}, which "
+                + (f"belongs to domain {owner_name!r}" if owner_name else "belongs to no domain (a removed one?)")
+                + ". A domain's tokens may only appear in its own rows; a control token routes only as the first "
+                "token (after an optional BOS)."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def _embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Input embeddings `(batch, seq, hidden)`: the backbone's, and the owning domain's for domain tokens."""
+        embedding = self.backbone.get_input_embeddings()
+        backbone_vocab_size = self.config.backbone_vocab_size
+        domain_tokens = input_ids >= backbone_vocab_size
+        inputs_embeds = embedding(input_ids.clamp(max=backbone_vocab_size - 1))
+        if not domain_tokens.any():
+            return inputs_embeds
+        rows_of_id = torch.zeros(self.config.vocab_size - backbone_vocab_size, dtype=torch.long)
+        tables, offset = [], 0
+        for name, domain in self.domains.items():
+            ids = torch.tensor(self.config.domains[name]["token_ids"]) - backbone_vocab_size
+            rows_of_id[ids] = torch.arange(offset, offset + len(ids))
+            tables.append(domain.token_embeddings)
+            offset += len(ids)
+        table = torch.cat(tables).to(inputs_embeds.dtype)
+        rows = rows_of_id.to(input_ids.device)[(input_ids - backbone_vocab_size).clamp(min=0)]
+        return torch.where(domain_tokens[..., None], table[rows], inputs_embeds)
+
+    def _prepare_cache(self, past_key_values):
+        """A cache with a layer for every backbone layer and every expansion block (created if None)."""
+        backbone_config = self.config.backbone_config
+        if past_key_values is None:
+            past_key_values = DynamicCache(config=backbone_config)
+        num_layers = self.config.num_backbone_layers
+        needed = num_layers + len(self._cache_templates)
+        if getattr(past_key_values, "layer_class_to_replicate", None) is None and len(past_key_values.layers) < needed:
+            # Fresh cache layers of the same kind (full or sliding-window) as the backbone layer each block follows.
+            fresh_layers = DynamicCache(config=backbone_config).layers
+            for template in self._cache_templates[len(past_key_values.layers) - num_layers :]:
+                past_key_values.layers.append(copy.deepcopy(fresh_layers[template]))
+        return past_key_values
+
+    def _run_expansion_blocks(self, layer_index: int, layer: nn.Module, args: tuple, kwargs: dict, output):
+        """Forward hook on backbone layer `layer_index`: run each routed domain's blocks at this depth on its rows."""
+        routes = self._active_routes
+        if not routes:
+            return None
+        hidden_states = output[0] if isinstance(output, tuple) else output
+        batch_size = hidden_states.shape[0]
+        depth = str(layer_index)
+        for domain_index, rows in routes.items():
+            blocks = self.domains[self.domain_names[domain_index]].blocks
+            if depth not in blocks:
+                continue
+            whole_batch = rows.numel() == batch_size
+            if whole_batch:
+                domain_hidden, block_args, block_kwargs = hidden_states, args[1:], kwargs
+            else:
+                domain_hidden = hidden_states.index_select(0, rows)
+                block_args = _select_rows(args[1:], rows, batch_size)
+                block_kwargs = {key: _select_rows(value, rows, batch_size) for key, value in kwargs.items()}
+            for block in blocks[depth]:
+                domain_hidden = block(domain_hidden, *block_args, **block_kwargs)
+                if isinstance(domain_hidden, tuple):
+                    domain_hidden = domain_hidden[0]
+            hidden_states = domain_hidden if whole_batch else hidden_states.index_copy(0, rows, domain_hidden)
+        return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        domain_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids. Without a cache, or with an empty one, rows are routed from them (see [`route`]).
+            attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
+                1 for tokens to attend to, 0 for padding (left or right).
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Passed to the backbone as is. With left padding pass `attention_mask.cumsum(-1) - 1` (as `generate` does).
+            past_key_values (`Cache`, *optional*): a cache from an earlier call; one is created when `use_cache`.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Instead of `input_ids`; rows then run on the bare backbone unless `domain_ids` says otherwise.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets for the causal LM loss (shifted inside); -100 is ignored.
+            domain_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                The route of each row (index in `domain_names`, -1 for the bare backbone), overriding [`route`].
+
+        Returns:
+            [`CausalLMOutputWithPast`] with `logits` of shape `(batch_size, sequence_length, config.vocab_size)`:
+            the backbone's logits, then `-inf` for every domain-token id.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        use_cache = use_cache if use_cache is not None else self.config.backbone_config.get_text_config(decoder=True).use_cache
+        if use_cache or past_key_values is not None:
+            past_key_values = self._prepare_cache(past_key_values)
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+
+        if domain_ids is None:
+            continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
+            if continuing and getattr(past_key_values, "domain_ids", None) is not None:
+                domain_ids = past_key_values.domain_ids
+            elif continuing:
+                raise ValueError("Continuing from a cache filled elsewhere: pass domain_ids=model.route(whole_input_ids, mask).")
+            elif input_ids is not None:
+                domain_ids = self.route(input_ids, attention_mask)
+            else:
+                domain_ids = torch.full((batch_size,), BASE_ROUTE, dtype=torch.long, device=device)
+        domain_ids = domain_ids.to(device)
+        if domain_ids.shape != (batch_size,) or domain_ids.min() < BASE_ROUTE or domain_ids.max() >= len(self.domains):
+            raise ValueError(f"domain_ids must have shape ({batch_size},) and values in [-1, {len(self.domains)}).")
+        if past_key_values is not None:
+            past_key_values.domain_ids = domain_ids
+        if input_ids is not None:
+            self._check_input_ids(input_ids, domain_ids)
+            inputs_embeds = self._embed(input_ids)
+
+        kwargs.pop("return_dict", None)  # always a ModelOutput
+        self._active_routes = {
+            index: (domain_ids == index).nonzero()[:, 0] for index in domain_ids.unique().tolist() if index != BASE_ROUTE
+        }
+        try:
+            outputs = self.backbone(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                return_dict=True,
+                **kwargs,
+            )
+        finally:
+            self._active_routes = None
+
+        backbone_logits = outputs.logits
+        num_domain_ids = self.config.vocab_size - backbone_logits.shape[-1]
+        logits = backbone_logits
+        if num_domain_ids > 0:
+            domain_logits = backbone_logits.new_full((*backbone_logits.shape[:-1], num_domain_ids), float("-inf"))
+            logits = torch.cat([backbone_logits, domain_logits], dim=-1)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values if use_cache else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation, tokenization, saving
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # `forward` builds the cache itself: it needs layers for the expansion blocks besides the backbone's.
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, domain_ids=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        # `input_ids` here is the whole sequence so far (sliced to the new tokens only above), so routing from it stays
+        # right under every decoding strategy, beam reordering included.
+        if domain_ids is None and model_inputs.get("inputs_embeds") is None:
+            domain_ids = self.route(input_ids, attention_mask)
+        if domain_ids is not None:
+            model_inputs["domain_ids"] = domain_ids
+        return model_inputs
+
+    def tokenize(self, text: str | list[str], domain: str | list[str | None] | None = None, **tokenizer_kwargs):
+        """Tokenize plain text and route it: the domain's control token goes first (after BOS, if any).
+
+        Control tokens are special tokens that plain text never produces (the tokenizer splits special tokens), so
+        text containing `<|domain:NAME|>` does not switch domains; this method is how a caller asks for one.
+
+        Args:
+            text: one text or a batch.
+            domain: a domain name for every row, one name (or None for the bare backbone) per row, or None.
+            tokenizer_kwargs: passed to the tokenizer (`return_tensors` defaults to `"pt"`, `padding` to True).
+
+        Returns:
+            `BatchEncoding` with `input_ids` and `attention_mask`.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        encoded = self._require_tokenizer()(texts, split_special_tokens=True, **self._unpadded(tokenizer_kwargs))
+        return self._route_and_pad(encoded["input_ids"], domain, tokenizer_kwargs)
+
+    def apply_chat_template(self, conversations: list[dict] | list[list[dict]], domain=None, **tokenizer_kwargs):
+        """Tokenize chat(s) with the tokenizer's chat template, routed like [`tokenize`].
+
+        The template's own special tokens are kept; special tokens inside messages (a control token typed by a user,
+        say) are encoded as plain text (`sanitize_control_tokens=True`).
+        """
+        tokenizer = self._require_tokenizer()
+        batch = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
+        split_special_tokens = tokenizer.split_special_tokens
+        tokenizer.split_special_tokens = False  # the template writes special tokens as text
+        try:
+            input_ids = [
+                tokenizer.apply_chat_template(chat, sanitize_control_tokens=True, return_dict=True,
+                                              **self._unpadded(tokenizer_kwargs))["input_ids"]
+                for chat in batch
+            ]
+        finally:
+            tokenizer.split_special_tokens = split_special_tokens
+        return self._route_and_pad(input_ids, domain, tokenizer_kwargs)
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer: pass one to from_backbone (or set model.tokenizer).")
+        return self.tokenizer
+
+    @staticmethod
+    def _unpadded(tokenizer_kwargs: dict) -> dict:
+        return {k: v for k, v in tokenizer_kwargs.items() if k not in ("return_tensors", "padding", "padding_side")}
+
+    def _route_and_pad(self, input_ids: list[list[int]], domain, tokenizer_kwargs: dict):
+        """Put each row's control token first (after BOS), then pad the batch."""
+        domains = domain if isinstance(domain, list) else [domain] * len(input_ids)
+        if len(domains) != len(input_ids):
+            raise ValueError(f"Got {len(input_ids)} rows but {len(domains)} domains.")
+        bos = self.tokenizer.bos_token_id
+        rows = []
+        for ids, name in zip(input_ids, domains):
+            if name is not None:
+                insert_at = 1 if bos is not None and ids[:1] == [bos] else 0
+                ids = ids[:insert_at] + [self.control_token_id(name)] + ids[insert_at:]
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+        return self.tokenizer.pad(
+            rows,
+            padding=tokenizer_kwargs.get("padding", True),
+            padding_side=tokenizer_kwargs.get("padding_side"),
+            return_tensors=tokenizer_kwargs.get("return_tensors", "pt"),
+        )
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The frozen backbone never trains: keep its dropout off so base rows stay deterministic.
+        self.backbone.eval()
+        return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save config (with `auto_map`), safetensors weights, the remote-code files and the tokenizer."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.tokenizer is not None and kwargs.get("is_main_process", True):
+            self.tokenizer.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # Loading materialises fresh parameters, which require grad: freeze the backbone again.
+        model.backbone.requires_grad_(False)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        try:
+            # The repo's only code is this model's own files, which the caller already chose to run.
+            model.tokenizer = AutoTokenizer.from_pretrained(
+                pretrained_model_name_or_path, trust_remote_code=True, **hub_kwargs
+            )
+        except (OSError, ValueError):
+            model.tokenizer = None
+        return model
+
+
+__all__ = ["DomainExpertsForCausalLM", "DomainExpertsPreTrainedModel"]
