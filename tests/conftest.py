@@ -71,3 +71,7 @@ def as_base_batch(model, batch: dict) -> dict:
     input_ids = batch["input_ids"].clone()
     input_ids[input_ids >= model.config.backbone_vocab_size] = model.tokenizer.pad_token_id
     return {**batch, "input_ids": input_ids}
+
+
+# The `hub_server` fixture: a local Hugging Face Hub on 127.0.0.1 that huggingface_hub talks to (see hub_server.py).
+pytest_plugins = ["hub_server"]
