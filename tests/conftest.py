@@ -60,6 +60,7 @@ def train_domain(model, name: str, batch: dict, steps: int = 3, lr: float = 5e-2
     model.train()
     for _ in range(steps):
         loss = model(**batch, labels=labels_for(batch)).loss
+        assert torch.isfinite(loss), loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

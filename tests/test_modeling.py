@@ -293,7 +293,8 @@ def test_padded_vocabulary_gives_control_tokens_ids_past_the_embeddings():
     model = DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
     model.add_domain("recipes", num_blocks=1)
     assert model.control_token_id("recipes") == 352
-    assert tokenizer.convert_tokens_to_ids("<|domain:recipes|>") == 352
+    assert model.tokenizer.convert_tokens_to_ids("<|domain:recipes|>") == 352
+    assert "<|domain:recipes|>" not in tokenizer.get_vocab(), "the caller's tokenizer is left as it was"
     assert model(**model.tokenize("Title", domain="recipes")).logits.shape[-1] == 353
 
 
@@ -306,8 +307,11 @@ def test_removed_domain_ids_are_never_reused(setup):
         model(input_ids=torch.tensor([[1, old_id, 5, 6]]))
     model.add_domain("stories", num_blocks=1)
     assert model.control_token_id("stories") != old_id
-    model.add_domain("recipes", num_blocks=1)  # coming back, it gets its own token again
-    assert model.control_token_id("recipes") == old_id
+    model.add_domain("recipes", num_blocks=1)  # coming back, it gets a new id; the old one stays a hole
+    new_id = model.control_token_id("recipes")
+    assert new_id not in (old_id, model.control_token_id("stories"))
+    assert model.tokenizer.convert_tokens_to_ids("<|domain:recipes|>") == new_id
+    assert model.route(model.tokenize("Title", domain="recipes")["input_ids"]).tolist() == [1]
 
 
 def test_cache_indices_do_not_collide(setup):

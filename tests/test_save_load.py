@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import TEXTS, make_batch, train_domain
 from transformers import AutoModelForCausalLM
@@ -28,19 +29,19 @@ def test_save_writes_remote_code_weights_and_tokenizer(setup, tmp_path):
     model = trained_model(setup)
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"config.json", "model.safetensors", "configuration_domain_experts.py", "modeling_domain_experts.py",
-            "tokenizer.json", "tokenizer_config.json"} <= files
+    remote_code = ["configuration_domain_experts.py", "modeling_domain_experts.py", "tokenization_domain_experts.py"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", *remote_code} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_domain_experts.DomainExpertsConfig",
         "AutoModelForCausalLM": "modeling_domain_experts.DomainExpertsForCausalLM",
     }
-    for name in ("configuration_domain_experts.py", "modeling_domain_experts.py"):
+    for name in remote_code:
         imports = [line.split()[1] for line in (tmp_path / name).read_text().splitlines()
                    if line.startswith(("import ", "from "))]
-        assert all(module.split(".")[0] in ("torch", "transformers", "copy", "functools", "")
-                   for module in imports), imports
+        allowed = {"torch", "transformers", ""} | set(sys.stdlib_module_names)  # "" is a relative import
+        assert all(module.split(".")[0] in allowed for module in imports), imports
 
 
 def test_from_pretrained_restores_every_tensor_and_output(setup, tmp_path):
@@ -113,3 +114,15 @@ def test_remote_code_loads_without_the_package(setup, tmp_path):
     expected = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               max_new_tokens=6, do_sample=False)
     assert torch.equal(remote["generated"], expected)
+
+
+def test_checkpoint_missing_a_tensor_is_an_error_not_garbage(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = trained_model(setup)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["domains.recipes.token_embeddings"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing.*domains.recipes.token_embeddings"):
+        DomainExpertsForCausalLM.from_pretrained(tmp_path)

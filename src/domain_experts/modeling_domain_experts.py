@@ -20,6 +20,8 @@ Rows routed to the bare backbone never touch a domain parameter, so their logits
 """
 
 import copy
+import json
+import os
 from functools import partial
 
 import torch
@@ -29,6 +31,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
 from .configuration_domain_experts import DomainExpertsConfig, control_token_for
+from .tokenization_domain_experts import (
+    add_tokens_at_ids,
+    backbone_pieces,
+    extend_tokenizer,
+    new_tokens_of,
+    rebuild_tokenizer,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -38,6 +47,8 @@ logger = logging.get_logger(__name__)
 # dense_4h_to_h; OPT/GPT-Neo/Phi: out_proj, fc2; T5-style and MoE experts: wo, w2). Zeroing them turns a copied
 # block into an exact identity, the LLaMA Pro initialisation.
 RESIDUAL_OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "out_proj", "fc2", "wo", "w2")
+
+DOMAIN_TOKENIZERS_FOLDER = "domain_tokenizers"
 
 BASE_ROUTE = -1
 """Domain index of a row that runs on the bare backbone."""
@@ -91,11 +102,24 @@ class DomainExpansion(nn.Module):
 
     Attributes:
         blocks (`nn.ModuleDict[str, nn.ModuleList]`): expansion blocks keyed by the backbone layer index they follow.
-        token_embeddings (`nn.Parameter` of shape `(num_tokens, hidden_size)`): input embeddings of the domain's own
-            tokens, in the order of `config.domains[name]["token_ids"]`; row 0 is the control token.
+        token_embeddings (`nn.Parameter` of shape `(num_tokens, hidden_size)`): input embeddings of the domain's
+            tokens, in the order of `config.domains[name]["token_ids"]`; row 0 is the control token, the rest are the
+            tokens of the domain's tokenizer.
+        output_embeddings (`nn.Parameter` of shape `(num_tokens - 1, hidden_size)`, or None): output rows of the
+            domain's tokenizer tokens, when the backbone does not tie its output embeddings to its input embeddings
+            (when it does, `token_embeddings[1:]` serve as output rows too).
+        output_bias (`nn.Parameter` of shape `(num_tokens - 1,)`, or None): when the backbone's LM head has a bias.
     """
 
-    def __init__(self, decoder_layers: nn.ModuleList, expansion_layers: list[int], token_embeddings: torch.Tensor):
+    def __init__(
+        self,
+        decoder_layers: nn.ModuleList,
+        expansion_layers: list[int],
+        num_tokens: int,
+        hidden_size: int,
+        untied_output: bool,
+        output_bias: bool,
+    ):
         super().__init__()
         self.blocks = nn.ModuleDict()
         for layer_index in expansion_layers:
@@ -104,7 +128,21 @@ class DomainExpansion(nn.Module):
                 self.blocks[depth] = nn.ModuleList()
             # The cache index is reassigned by the model once all domains are known.
             self.blocks[depth].append(make_identity_block(decoder_layers[layer_index], cache_index=-1))
-        self.token_embeddings = nn.Parameter(token_embeddings)
+        dtype = decoder_layers[0].parameters().__next__().dtype
+        self.token_embeddings = nn.Parameter(torch.zeros(num_tokens, hidden_size, dtype=dtype))
+        num_vocabulary_tokens = num_tokens - 1
+        self.output_embeddings = None
+        self.output_bias = None
+        if num_vocabulary_tokens and untied_output:
+            self.output_embeddings = nn.Parameter(torch.zeros(num_vocabulary_tokens, hidden_size, dtype=dtype))
+        if num_vocabulary_tokens and output_bias:
+            self.output_bias = nn.Parameter(torch.zeros(num_vocabulary_tokens, dtype=dtype))
+
+    def output_weight(self) -> torch.Tensor | None:
+        """Output rows `(num_tokens - 1, hidden_size)` of the domain's tokenizer tokens, or None if it has none."""
+        if self.token_embeddings.shape[0] == 1:
+            return None
+        return self.output_embeddings if self.output_embeddings is not None else self.token_embeddings[1:]
 
 
 class _RowSubsetCache:
@@ -187,16 +225,19 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.tokenizer = tokenizer
+        # Tokenizers of the domains that extend the backbone's vocabulary (the others use `tokenizer`).
+        self.domain_tokenizers: dict = {}
         self.domains = nn.ModuleDict()
         for name, settings in config.domains.items():
-            hidden_size = self.backbone.get_input_embeddings().embedding_dim
-            embeddings = torch.zeros(len(settings["token_ids"]), hidden_size)
-            self.domains[name] = DomainExpansion(self._decoder_layers, settings["expansion_layers"], embeddings)
+            self.domains[name] = self._new_domain_module(settings["expansion_layers"], len(settings["token_ids"]))
         self._assign_cache_indices()
         # Routing of the batch in flight, read by the hooks: {domain index: rows}; None outside a forward pass.
         self._active_routes: dict[int, torch.Tensor] | None = None
         for layer_index, layer in enumerate(self._decoder_layers):
             layer.register_forward_hook(partial(self._run_expansion_blocks, layer_index), with_kwargs=True)
+        # The hidden states entering the LM head, kept during a forward pass for the domains' own output rows.
+        self._final_hidden_states: torch.Tensor | None = None
+        self.backbone.get_output_embeddings().register_forward_pre_hook(self._keep_final_hidden_states)
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -259,14 +300,25 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         name: str,
         num_blocks: int = 4,
         expansion_layers: list[int] | None = None,
+        tokenizer=None,
+        corpus=None,
+        num_new_tokens: int | None = None,
     ) -> None:
-        """Add a domain: expansion blocks that start as exact identities, and a control token `<|domain:NAME|>`.
+        """Add a domain: expansion blocks that start as exact identities, a control token `<|domain:NAME|>`, and
+        optionally tokens of its own.
 
         Args:
             name: the domain's name (letters, digits, `_`, `-` and `.`).
             num_blocks: how many expansion blocks, spread evenly over the depth (block `i` follows the last layer of
                 the `i`-th of `num_blocks` equal groups of backbone layers, as in LLaMA Pro).
             expansion_layers: instead of `num_blocks`, the backbone layer index after which each block runs.
+            tokenizer: a ready domain tokenizer, a strict superset of the backbone's (e.g. from `extend_tokenizer`).
+            corpus: instead of `tokenizer`, the domain's texts, from which `num_new_tokens` tokens are learned.
+            num_new_tokens: how many tokens to learn from `corpus`.
+
+        The domain's tokens get ids past every id given out so far, in one contiguous range (control token first); their
+        embeddings start at the mean of the backbone embeddings of the pieces each token joins, and belong to the domain.
+        `tokenizer_for(name)` returns the domain's tokenizer.
         """
         if not name or not all(c.isalnum() or c in "_-." for c in name):
             raise ValueError(f"Invalid domain name {name!r}: use letters, digits, '_', '-' and '.'.")
@@ -282,25 +334,107 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"expansion_layers must be a non-empty list of layer indices in [0, {num_layers}), got {expansion_layers}."
             )
+        if (tokenizer is not None or corpus is not None) and self.tokenizer is None:
+            raise ValueError("Domain tokens need the backbone's tokenizer: pass it to from_backbone.")
+        if tokenizer is not None and corpus is not None:
+            raise ValueError("Pass either a ready domain tokenizer or a corpus to learn one from, not both.")
+        if corpus is not None:
+            if num_new_tokens is None:
+                raise ValueError("Learning domain tokens from a corpus needs num_new_tokens.")
+            tokenizer = extend_tokenizer(self._backbone_tokenizer(), corpus, num_new_tokens)
+        elif num_new_tokens is not None:
+            raise ValueError("num_new_tokens needs a corpus to learn the tokens from.")
+        new_tokens = new_tokens_of(tokenizer, self._backbone_vocab()) if tokenizer is not None else []
+        if tokenizer is not None and not new_tokens:
+            raise ValueError("The domain tokenizer adds no token to the backbone's tokenizer.")
 
-        token = control_token_for(name)
-        token_id = self._new_token_id(token)
-        input_embeddings = self.backbone.get_input_embeddings().weight
-        # A new token starts at the mean input embedding: a neutral point the domain moves during training.
-        control_embedding = input_embeddings.detach().float().mean(dim=0, keepdim=True).to(input_embeddings.dtype)
-        domain = DomainExpansion(self._decoder_layers, expansion_layers, control_embedding.clone())
-        domain.to(device=input_embeddings.device)
+        control_token = control_token_for(name)
+        first_id = self.config.vocab_size
+        token_ids = list(range(first_id, first_id + 1 + len(new_tokens)))
+        domain = self._new_domain_module(expansion_layers, len(token_ids))
+        self._init_token_embeddings(domain, new_tokens)
+        if self.tokenizer is not None:
+            shared = add_tokens_at_ids(self.tokenizer, {control_token: first_id}, special_tokens=[control_token])
+            domain_tokenizer = None
+            if new_tokens:
+                ids = {control_token: first_id, **dict(zip(new_tokens, token_ids[1:]))}
+                domain_tokenizer = add_tokens_at_ids(tokenizer, ids, special_tokens=[control_token])
+            for plain_text_safe in (shared, domain_tokenizer):
+                if plain_text_safe is not None:  # plain text never produces a control token
+                    plain_text_safe.split_special_tokens = True
+                    plain_text_safe.init_kwargs["split_special_tokens"] = True
+            self.tokenizer = shared
+            if domain_tokenizer is not None:
+                self.domain_tokenizers[name] = domain_tokenizer
         self.domains[name] = domain
-        self.config.domains[name] = {"expansion_layers": expansion_layers, "token_ids": [token_id], "tokens": [token]}
-        self.config.vocab_size = max(self.config.vocab_size, token_id + 1)
+        self.config.domains[name] = {
+            "expansion_layers": expansion_layers,
+            "token_ids": token_ids,
+            "tokens": [control_token, *new_tokens],
+        }
+        self.config.vocab_size = first_id + len(token_ids)
         self._assign_cache_indices()
-        logger.info(f"Added domain {name!r}: {len(expansion_layers)} blocks after layers {expansion_layers}, {token}={token_id}.")
+        logger.info(
+            f"Added domain {name!r}: {len(expansion_layers)} blocks after layers {expansion_layers}, "
+            f"{control_token}={first_id}, {len(new_tokens)} tokens of its own."
+        )
+
+    def _new_domain_module(self, expansion_layers: list[int], num_tokens: int) -> DomainExpansion:
+        input_embeddings = self.backbone.get_input_embeddings()
+        output_embeddings = self.backbone.get_output_embeddings()
+        domain = DomainExpansion(
+            self._decoder_layers,
+            expansion_layers,
+            num_tokens,
+            hidden_size=input_embeddings.weight.shape[1],
+            # The config, not the tensors: while loading, the backbone's weights are not tied yet.
+            untied_output=not self.config.backbone_config.get_text_config(decoder=True).tie_word_embeddings,
+            output_bias=getattr(output_embeddings, "bias", None) is not None,
+        )
+        return domain.to(device=input_embeddings.weight.device)
+
+    @torch.no_grad()
+    def _init_token_embeddings(self, domain: DomainExpansion, new_tokens: list[str]) -> None:
+        """Control token: the mean input embedding. Each new token: the mean of the backbone rows of its pieces."""
+        input_weight = self.backbone.get_input_embeddings().weight
+        output_module = self.backbone.get_output_embeddings()
+        domain.token_embeddings[0] = input_weight.float().mean(dim=0).to(input_weight.dtype)
+        backbone_tokenizer = self.tokenizer
+        for row, token in enumerate(new_tokens):
+            pieces = torch.tensor(backbone_pieces(backbone_tokenizer, token), device=input_weight.device)
+            domain.token_embeddings[row + 1] = input_weight[pieces].float().mean(dim=0).to(input_weight.dtype)
+            if domain.output_embeddings is not None:
+                domain.output_embeddings[row] = output_module.weight[pieces].float().mean(dim=0)
+            if domain.output_bias is not None:
+                domain.output_bias[row] = output_module.bias[pieces].float().mean()
+
+    def _backbone_vocab(self) -> dict[str, int]:
+        """The backbone tokenizer's vocabulary (token -> id), without any domain token."""
+        return {token: i for token, i in self.tokenizer.get_vocab().items() if i < self.config.backbone_vocab_size}
+
+    def _backbone_tokenizer(self):
+        """The backbone's tokenizer as given to `from_backbone`: the model's, less every control token."""
+        backbone_vocab_size = self.config.backbone_vocab_size
+        data = json.loads(self.tokenizer.backend_tokenizer.to_str())
+        data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if i < backbone_vocab_size}
+        data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["id"] < backbone_vocab_size]
+        tokenizer = rebuild_tokenizer(self.tokenizer, data)
+        tokenizer.split_special_tokens = False
+        return tokenizer
+
+    def tokenizer_for(self, name: str | None):
+        """The tokenizer of domain `name` (the model's tokenizer when the domain has no tokens of its own, or for None)."""
+        if name is None:
+            return self.tokenizer
+        self._check_domain(name)
+        return self.domain_tokenizers.get(name, self.tokenizer)
 
     def remove_domain(self, name: str) -> None:
         """Remove a domain and all of its parameters. Its token ids stay reserved and are never given to another domain."""
         self._check_domain(name)
         del self.domains[name]
         del self.config.domains[name]
+        self.domain_tokenizers.pop(name, None)
         self._assign_cache_indices()
 
     def domain_parameters(self, name: str):
@@ -317,34 +451,6 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         if name not in self.domains:
             known = ", ".join(repr(n) for n in self.domains) or "none"
             raise KeyError(f"Unknown domain {name!r}; this model has: {known}.")
-
-    def _new_token_id(self, token: str) -> int:
-        """The id for a new domain token: past the backbone vocabulary and every id already given out."""
-        next_id = self.config.vocab_size
-        if self.tokenizer is None:
-            return next_id
-        existing = self.tokenizer.convert_tokens_to_ids(token)
-        if existing is not None and existing != self.tokenizer.unk_token_id and existing >= self.config.backbone_vocab_size:
-            # Re-adding a removed domain: its token kept its id in the tokenizer.
-            owner = self._token_owner_table()[existing].item() if existing < self.config.vocab_size else BASE_ROUTE
-            if owner == BASE_ROUTE:
-                return existing
-        if len(self.tokenizer) < next_id:
-            # The tokenizer is smaller than the embedding table (a padded vocabulary): fill the gap with reserved tokens
-            # so the new token's id falls past the backbone's embeddings.
-            gap = range(len(self.tokenizer), next_id)
-            self.tokenizer.add_special_tokens(
-                {"additional_special_tokens": [f"<|domain_experts:reserved_{i}|>" for i in gap]},
-                replace_extra_special_tokens=False,
-            )
-        self.tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id < next_id:
-            raise ValueError(f"The tokenizer gave {token} id {token_id}, which is already in use (ids below {next_id}).")
-        # Plain text must never produce a control token; callers ask for one with `tokenize(..., domain=...)`.
-        self.tokenizer.split_special_tokens = True
-        self.tokenizer.init_kwargs["split_special_tokens"] = True  # saved with the tokenizer
-        return token_id
 
     def _assign_cache_indices(self) -> None:
         """Give every expansion block its own KV-cache layer, numbered after the backbone's layers."""
@@ -486,6 +592,34 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             hidden_states = domain_hidden if whole_batch else hidden_states.index_copy(0, rows, domain_hidden)
         return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
 
+    def _keep_final_hidden_states(self, lm_head: nn.Module, args: tuple) -> None:
+        if self._active_routes:
+            self._final_hidden_states = args[0]
+
+    def _domain_logits(self, backbone_logits: torch.Tensor, domain_ids: torch.LongTensor) -> torch.Tensor:
+        """Logits `(batch, seq, vocab_size - backbone_vocab_size)` of the domain tokens.
+
+        A row's own domain tokens get logits from the domain's output rows; every other domain token (control tokens,
+        other domains' tokens) gets `-inf`: a row can never produce it.
+        """
+        backbone_vocab_size = self.config.backbone_vocab_size
+        logits = backbone_logits.new_full(
+            (*backbone_logits.shape[:-1], self.config.vocab_size - backbone_vocab_size), float("-inf")
+        )
+        for domain_index, rows in (self._active_routes or {}).items():
+            name = self.domain_names[domain_index]
+            weight = self.domains[name].output_weight()
+            if weight is None:
+                continue
+            hidden_states = self._final_hidden_states.index_select(0, rows)
+            bias = self.domains[name].output_bias
+            own = nn.functional.linear(hidden_states, weight.to(hidden_states.dtype), bias)
+            columns = torch.tensor(self.config.domains[name]["token_ids"][1:], device=logits.device) - backbone_vocab_size
+            row_logits = logits.index_select(0, rows)
+            row_logits[..., columns] = own.to(logits.dtype)
+            logits = logits.index_copy(0, rows, row_logits)
+        return logits
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -511,13 +645,14 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Instead of `input_ids`; rows then run on the bare backbone unless `domain_ids` says otherwise.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Targets for the causal LM loss (shifted inside); -100 is ignored.
+                Targets for the causal LM loss (shifted inside); -100 and control tokens are ignored.
             domain_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 The route of each row (index in `domain_names`, -1 for the bare backbone), overriding [`route`].
 
         Returns:
             [`CausalLMOutputWithPast`] with `logits` of shape `(batch_size, sequence_length, config.vocab_size)`:
-            the backbone's logits, then `-inf` for every domain-token id.
+            the backbone's logits, then the domain-token columns: a row's own domain tokens from its domain's output
+            rows, `-inf` for all others (control tokens and other domains' tokens are never produced).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -561,18 +696,18 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 return_dict=True,
                 **kwargs,
             )
+            logits = outputs.logits
+            if self.config.vocab_size > self.config.backbone_vocab_size:
+                logits = torch.cat([logits, self._domain_logits(logits, domain_ids)], dim=-1)
         finally:
             self._active_routes = None
-
-        backbone_logits = outputs.logits
-        num_domain_ids = self.config.vocab_size - backbone_logits.shape[-1]
-        logits = backbone_logits
-        if num_domain_ids > 0:
-            domain_logits = backbone_logits.new_full((*backbone_logits.shape[:-1], num_domain_ids), float("-inf"))
-            logits = torch.cat([backbone_logits, domain_logits], dim=-1)
+            self._final_hidden_states = None
 
         loss = None
         if labels is not None:
+            # A control token is never a target (its logit is -inf): with left padding it is the first real token.
+            is_control = self._control_token_table().to(labels.device) >= 0
+            labels = labels.masked_fill(is_control[labels.clamp(0, self.config.vocab_size - 1)], -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
@@ -616,9 +751,36 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         Returns:
             `BatchEncoding` with `input_ids` and `attention_mask`.
         """
+        self._require_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
-        encoded = self._require_tokenizer()(texts, split_special_tokens=True, **self._unpadded(tokenizer_kwargs))
-        return self._route_and_pad(encoded["input_ids"], domain, tokenizer_kwargs)
+        domains = self._row_domains(domain, len(texts))
+        input_ids: list[list[int]] = [[] for _ in texts]
+        for name in dict.fromkeys(domains):  # each domain's rows with its own tokenizer, in one call
+            rows = [i for i, row_domain in enumerate(domains) if row_domain == name]
+            encoded = self.tokenizer_for(name)(
+                [texts[i] for i in rows], split_special_tokens=True, **self._unpadded(tokenizer_kwargs)
+            )
+            for i, ids in zip(rows, encoded["input_ids"]):
+                input_ids[i] = ids
+        return self._route_and_pad(input_ids, domains, tokenizer_kwargs)
+
+    def batch_decode(self, sequences, **decode_kwargs) -> list[str]:
+        """Decode each row with the tokenizer of the domain it is routed to (see [`route`]).
+
+        Args:
+            sequences (`torch.LongTensor` of shape `(batch_size, sequence_length)`): whole sequences, e.g. from
+                `generate`, with padding on the left or right.
+            decode_kwargs: passed to `tokenizer.decode` (e.g. `skip_special_tokens=True`).
+        """
+        self._require_tokenizer()
+        sequences = torch.as_tensor(sequences)
+        pad = self.tokenizer.pad_token_id
+        attention_mask = (sequences != pad).long() if pad is not None else None
+        routes = self.route(sequences, attention_mask).tolist()
+        return [
+            self.tokenizer_for(self.domain_names[route] if route >= 0 else None).decode(row, **decode_kwargs)
+            for row, route in zip(sequences.tolist(), routes)
+        ]
 
     def apply_chat_template(self, conversations: list[dict] | list[list[dict]], domain=None, **tokenizer_kwargs):
         """Tokenize chat(s) with the tokenizer's chat template, routed like [`tokenize`].
@@ -649,11 +811,17 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
     def _unpadded(tokenizer_kwargs: dict) -> dict:
         return {k: v for k, v in tokenizer_kwargs.items() if k not in ("return_tensors", "padding", "padding_side")}
 
+    def _row_domains(self, domain, num_rows: int) -> list[str | None]:
+        domains = domain if isinstance(domain, list) else [domain] * num_rows
+        if len(domains) != num_rows:
+            raise ValueError(f"Got {num_rows} rows but {len(domains)} domains.")
+        for name in set(domains) - {None}:
+            self._check_domain(name)
+        return domains
+
     def _route_and_pad(self, input_ids: list[list[int]], domain, tokenizer_kwargs: dict):
         """Put each row's control token first (after BOS), then pad the batch."""
-        domains = domain if isinstance(domain, list) else [domain] * len(input_ids)
-        if len(domains) != len(input_ids):
-            raise ValueError(f"Got {len(input_ids)} rows but {len(domains)} domains.")
+        domains = self._row_domains(domain, len(input_ids))
         bos = self.tokenizer.bos_token_id
         rows = []
         for ids, name in zip(input_ids, domains):
@@ -675,14 +843,28 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save config (with `auto_map`), safetensors weights, the remote-code files and the tokenizer."""
+        """Save config (with `auto_map`), safetensors weights, the remote-code files and the tokenizers.
+
+        The model's tokenizer goes to `save_directory`, each domain tokenizer to `save_directory/domain_tokenizers/NAME`.
+        """
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.tokenizer is not None and kwargs.get("is_main_process", True):
             self.tokenizer.save_pretrained(save_directory)
+            for name, tokenizer in self.domain_tokenizers.items():
+                tokenizer.save_pretrained(os.path.join(save_directory, DOMAIN_TOKENIZERS_FOLDER, name))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        if loading_info["missing_keys"]:
+            # Our `_init_weights` draws nothing, so a missing tensor would silently hold garbage.
+            raise ValueError(
+                f"{pretrained_model_name_or_path} does not hold every tensor of the model it describes; missing: "
+                f"{sorted(loading_info['missing_keys'])[:10]}."
+            )
         # Loading materialises fresh parameters, which require grad: freeze the backbone again.
         model.backbone.requires_grad_(False)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
@@ -693,7 +875,13 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             )
         except (OSError, ValueError):
             model.tokenizer = None
-        return model
+            return (model, loading_info) if output_loading_info else model
+        for name, settings in model.config.domains.items():
+            if len(settings["token_ids"]) > 1:
+                model.domain_tokenizers[name] = AutoTokenizer.from_pretrained(
+                    pretrained_model_name_or_path, subfolder=f"{DOMAIN_TOKENIZERS_FOLDER}/{name}", **hub_kwargs
+                )
+        return (model, loading_info) if output_loading_info else model
 
 
 __all__ = ["DomainExpertsForCausalLM", "DomainExpertsPreTrainedModel"]
