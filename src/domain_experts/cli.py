@@ -6,6 +6,8 @@ import sys
 
 from transformers.utils import logging
 
+from .augment import add_augment_command
+
 
 logger = logging.get_logger(__name__)
 
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     info_parser.add_argument("path", help="a folder written by save_pretrained (or a Hub repo id)")
     info_parser.add_argument("--json", action="store_true", help="print JSON")
     info_parser.set_defaults(run=info)
+    add_augment_command(commands)
     args = parser.parse_args(argv)
     try:
         args.run(args)
