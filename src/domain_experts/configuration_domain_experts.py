@@ -28,11 +28,18 @@ class DomainExpertsConfig(PretrainedConfig):
               after which it runs (and of which it is a copy). Repeated indices stack blocks at the same depth.
             - `"token_ids"` (`list[int]`): the ids of the tokens the domain owns; the first is its control token.
             - `"tokens"` (`list[str]`): the strings of those tokens.
+            - `"gate"` (`bool`): whether the domain's gate entry is trained (only then may the gate route to it).
         vocab_size (`int`, *optional*):
             Size of the id space: the backbone vocabulary plus every id ever given to a domain token. It only grows,
             so the ids of a removed domain are never reused for another one.
         bos_token_id (`int`, *optional*):
             A routing control token may follow this token at the start of a sequence.
+        gate_layer (`int`, *optional*):
+            The backbone layer whose output hidden states the learned gate reads (mean over the prompt's tokens).
+            Defaults to the last layer of the first quarter of the backbone.
+        gate_threshold (`float`, *optional*, defaults to 0.5):
+            A row without a control token goes to the domain whose gate probability is highest, if that probability
+            reaches this threshold; otherwise it runs on the bare backbone.
     """
 
     model_type = "domain_experts"
@@ -41,6 +48,8 @@ class DomainExpertsConfig(PretrainedConfig):
     backbone_config: dict | PretrainedConfig | None = None
     domains: dict | None = None
     vocab_size: int | None = None
+    gate_layer: int | None = None
+    gate_threshold: float = 0.5
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -50,6 +59,8 @@ class DomainExpertsConfig(PretrainedConfig):
         backbone_vocab_size = self.backbone_config.get_text_config(decoder=True).vocab_size
         if self.vocab_size is None:
             self.vocab_size = backbone_vocab_size
+        if self.gate_layer is None:
+            self.gate_layer = max(0, self.num_backbone_layers // 4 - 1)
         if self.vocab_size < backbone_vocab_size:
             raise ValueError(
                 f"vocab_size={self.vocab_size} is smaller than the backbone's vocabulary ({backbone_vocab_size})."

@@ -22,6 +22,7 @@ Rows routed to the bare backbone never touch a domain parameter, so their logits
 import copy
 import json
 import os
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -52,6 +53,21 @@ DOMAIN_TOKENIZERS_FOLDER = "domain_tokenizers"
 
 BASE_ROUTE = -1
 """Domain index of a row that runs on the bare backbone."""
+
+
+@dataclass
+class DomainExpertsCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """[`CausalLMOutputWithPast`] plus `domain_ids` (`torch.LongTensor` of shape `(batch_size,)`): each row's route."""
+
+    domain_ids: torch.LongTensor | None = None
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a backbone forward pass early, carrying the hidden states it stopped at."""
+
+    def __init__(self, hidden_states: torch.Tensor):
+        super().__init__()
+        self.hidden_states = hidden_states
 
 
 def find_decoder_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -109,6 +125,8 @@ class DomainExpansion(nn.Module):
             domain's tokenizer tokens, when the backbone does not tie its output embeddings to its input embeddings
             (when it does, `token_embeddings[1:]` serve as output rows too).
         output_bias (`nn.Parameter` of shape `(num_tokens - 1,)`, or None): when the backbone's LM head has a bias.
+        gate_weight (`nn.Parameter` of shape `(hidden_size,)`), gate_bias (`nn.Parameter` of shape `(1,)`): the
+            domain's entry in the learned gate, a logistic score on the mean gate-layer hidden state of a prompt.
     """
 
     def __init__(
@@ -137,6 +155,9 @@ class DomainExpansion(nn.Module):
             self.output_embeddings = nn.Parameter(torch.zeros(num_vocabulary_tokens, hidden_size, dtype=dtype))
         if num_vocabulary_tokens and output_bias:
             self.output_bias = nn.Parameter(torch.zeros(num_vocabulary_tokens, dtype=dtype))
+        # Trained by `domain_experts.gate.train_gate`, not with the domain: no gradient reaches them in `forward`.
+        self.gate_weight = nn.Parameter(torch.zeros(hidden_size, dtype=torch.float32), requires_grad=False)
+        self.gate_bias = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
 
     def output_weight(self) -> torch.Tensor | None:
         """Output rows `(num_tokens - 1, hidden_size)` of the domain's tokenizer tokens, or None if it has none."""
@@ -348,29 +369,54 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         if tokenizer is not None and not new_tokens:
             raise ValueError("The domain tokenizer adds no token to the backbone's tokenizer.")
 
+        self._attach_domain(name, expansion_layers, new_tokens, tokenizer)
+
+    def _attach_domain(
+        self,
+        name: str,
+        expansion_layers: list[int],
+        new_tokens: list[str],
+        domain_tokenizer=None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        gate_trained: bool = False,
+    ) -> None:
+        """Give domain `name` its ids, tokenizer entries and parameters: the one way a domain enters the model.
+
+        Args:
+            expansion_layers: the backbone layer each expansion block follows.
+            new_tokens: the domain's own tokens (strings of `domain_tokenizer`), in order; may be empty.
+            domain_tokenizer: a superset of the backbone tokenizer holding `new_tokens` (at any ids: they are moved).
+            state_dict: the domain's tensors (as in `model.domains[name].state_dict()`), e.g. from a pack; None to
+                start fresh (identity blocks, token embeddings from the backbone's).
+            gate_trained: whether the gate entry in `state_dict` is trained.
+        """
         control_token = control_token_for(name)
         first_id = self.config.vocab_size
         token_ids = list(range(first_id, first_id + 1 + len(new_tokens)))
         domain = self._new_domain_module(expansion_layers, len(token_ids))
-        self._init_token_embeddings(domain, new_tokens)
+        if state_dict is None:
+            self._init_token_embeddings(domain, new_tokens)
+        else:
+            domain.load_state_dict(state_dict, strict=True)
         if self.tokenizer is not None:
             shared = add_tokens_at_ids(self.tokenizer, {control_token: first_id}, special_tokens=[control_token])
-            domain_tokenizer = None
+            own = None
             if new_tokens:
                 ids = {control_token: first_id, **dict(zip(new_tokens, token_ids[1:]))}
-                domain_tokenizer = add_tokens_at_ids(tokenizer, ids, special_tokens=[control_token])
-            for plain_text_safe in (shared, domain_tokenizer):
-                if plain_text_safe is not None:  # plain text never produces a control token
-                    plain_text_safe.split_special_tokens = True
-                    plain_text_safe.init_kwargs["split_special_tokens"] = True
+                own = add_tokens_at_ids(domain_tokenizer, ids, special_tokens=[control_token])
+            for tokenizer in (shared, own):
+                if tokenizer is not None:  # plain text never produces a control token
+                    tokenizer.split_special_tokens = True
+                    tokenizer.init_kwargs["split_special_tokens"] = True
             self.tokenizer = shared
-            if domain_tokenizer is not None:
-                self.domain_tokenizers[name] = domain_tokenizer
+            if own is not None:
+                self.domain_tokenizers[name] = own
         self.domains[name] = domain
         self.config.domains[name] = {
-            "expansion_layers": expansion_layers,
+            "expansion_layers": list(expansion_layers),
             "token_ids": token_ids,
             "tokens": [control_token, *new_tokens],
+            "gate": gate_trained,
         }
         self.config.vocab_size = first_id + len(token_ids)
         self._assign_cache_indices()
@@ -438,9 +484,12 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         self._assign_cache_indices()
 
     def domain_parameters(self, name: str):
-        """The trainable parameters of domain `name` (and of no other domain), e.g. for an optimizer."""
+        """The trainable parameters of domain `name` (and of no other domain), e.g. for an optimizer.
+
+        The domain's gate entry is not among them: it is trained apart, by `domain_experts.gate.train_gate`.
+        """
         self._check_domain(name)
-        return self.domains[name].parameters()
+        return (p for p in self.domains[name].parameters() if p.requires_grad)
 
     def control_token_id(self, name: str) -> int:
         """The id of `<|domain:NAME|>`."""
@@ -482,7 +531,11 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         return table
 
     def route(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
-        """Route each row: the index (in `domain_names`) of the domain whose control token starts it, or -1.
+        """Route each row: the index (in `domain_names`) of its domain, or -1 for the bare backbone.
+
+        A row whose first token (after an optional BOS) is a domain's control token goes to that domain. Any other row
+        goes where the learned gate sends it, if some domain has a trained gate entry (see `gate_probabilities`), and
+        otherwise to the bare backbone.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): whole sequences, from their start.
@@ -492,7 +545,6 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         Returns:
             `torch.LongTensor` of shape `(batch_size,)`.
         """
-        # The place a learned gate would decide rows without a control token; they run on the bare backbone.
         if attention_mask is not None and attention_mask.dim() == 2:
             start = attention_mask.long().argmax(dim=1)
         else:
@@ -503,7 +555,57 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         if self.config.bos_token_id is not None:
             candidate = torch.where(first == self.config.bos_token_id, second, first)
         table = self._control_token_table().to(input_ids.device)
-        return table[candidate.clamp(0, self.config.vocab_size - 1)]
+        routes = table[candidate.clamp(0, self.config.vocab_size - 1)]
+        ungated = (routes == BASE_ROUTE).nonzero()[:, 0]
+        if ungated.numel() and any(settings.get("gate") for settings in self.config.domains.values()):
+            mask = attention_mask.index_select(0, ungated) if attention_mask is not None and attention_mask.dim() == 2 else None
+            probabilities = self.gate_probabilities(input_ids.index_select(0, ungated), mask)
+            best, best_domain = probabilities.max(dim=-1)
+            chosen = torch.where(best >= self.config.gate_threshold, best_domain, BASE_ROUTE)
+            routes = routes.index_copy(0, ungated, chosen)
+        return routes
+
+    @torch.no_grad()
+    def gate_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the gate reads: the mean over real tokens of the backbone's hidden states after `config.gate_layer`.
+
+        Runs the backbone only up to that layer, without any domain. Position ids follow the attention mask, so a row's
+        features do not depend on its padding.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)`, in float32.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        inputs_embeds = self.backbone.get_input_embeddings()(input_ids.clamp(max=self.config.backbone_vocab_size - 1))
+
+        def stop(module, args, kwargs, output):
+            raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+        handle = self._decoder_layers[self.config.gate_layer].register_forward_hook(stop, with_kwargs=True)
+        try:
+            self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
+            raise RuntimeError(f"The backbone never ran layer {self.config.gate_layer}.")
+        except _StopForward as stopped:
+            hidden_states = stopped.hidden_states.float()
+        finally:
+            handle.remove()
+        weights = attention_mask.to(hidden_states.dtype)[..., None]
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+    def gate_probabilities(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """For each row and domain (in `domain_names` order), the gate's probability that the row belongs to it.
+
+        Domains without a trained gate entry get 0. Returns `torch.FloatTensor` of shape `(batch_size, num_domains)`.
+        """
+        features = self.gate_features(input_ids, attention_mask)
+        probabilities = torch.zeros(features.shape[0], len(self.domains), device=features.device)
+        for index, (name, domain) in enumerate(self.domains.items()):
+            if self.config.domains[name].get("gate"):
+                probabilities[:, index] = torch.sigmoid(features @ domain.gate_weight + domain.gate_bias)
+        return probabilities
 
     def _check_input_ids(self, input_ids: torch.LongTensor, domain_ids: torch.LongTensor) -> None:
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
@@ -632,7 +734,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         domain_ids: torch.LongTensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> DomainExpertsCausalLMOutputWithPast:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -650,7 +752,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 The route of each row (index in `domain_names`, -1 for the bare backbone), overriding [`route`].
 
         Returns:
-            [`CausalLMOutputWithPast`] with `logits` of shape `(batch_size, sequence_length, config.vocab_size)`:
+            [`DomainExpertsCausalLMOutputWithPast`] with each row's route in `domain_ids` and `logits` of shape
+            `(batch_size, sequence_length, config.vocab_size)`:
             the backbone's logits, then the domain-token columns: a row's own domain tokens from its domain's output
             rows, `-inf` for all others (control tokens and other domains' tokens are never produced).
         """
@@ -710,12 +813,13 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             labels = labels.masked_fill(is_control[labels.clamp(0, self.config.vocab_size - 1)], -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        return CausalLMOutputWithPast(
+        return DomainExpertsCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values if use_cache else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            domain_ids=domain_ids,
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -727,15 +831,11 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         # `forward` builds the cache itself: it needs layers for the expansion blocks besides the backbone's.
         return False
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, domain_ids=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
-        # `input_ids` here is the whole sequence so far (sliced to the new tokens only above), so routing from it stays
-        # right under every decoding strategy, beam reordering included.
-        if domain_ids is None and model_inputs.get("inputs_embeds") is None:
-            domain_ids = self.route(input_ids, attention_mask)
-        if domain_ids is not None:
-            model_inputs["domain_ids"] = domain_ids
-        return model_inputs
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        # Rows are routed once, on the prompt; later steps keep that route, with or without a cache.
+        model_kwargs["domain_ids"] = outputs.domain_ids
+        return model_kwargs
 
     def tokenize(self, text: str | list[str], domain: str | list[str | None] | None = None, **tokenizer_kwargs):
         """Tokenize plain text and route it: the domain's control token goes first (after BOS, if any).
@@ -865,8 +965,11 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 f"{pretrained_model_name_or_path} does not hold every tensor of the model it describes; missing: "
                 f"{sorted(loading_info['missing_keys'])[:10]}."
             )
-        # Loading materialises fresh parameters, which require grad: freeze the backbone again.
+        # Loading materialises fresh parameters, which require grad: freeze the backbone and gate entries again.
         model.backbone.requires_grad_(False)
+        for domain in model.domains.values():
+            domain.gate_weight.requires_grad_(False)
+            domain.gate_bias.requires_grad_(False)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
         try:
             # The repo's only code is this model's own files, which the caller already chose to run.
