@@ -7,6 +7,7 @@ import sys
 from transformers.utils import logging
 
 from .augment import add_augment_command
+from .train import add_train_command
 
 
 logger = logging.get_logger(__name__)
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     info_parser.add_argument("--json", action="store_true", help="print JSON")
     info_parser.set_defaults(run=info)
     add_augment_command(commands)
-    args = parser.parse_args(argv)
+    add_train_command(commands)
+    args, extra_arguments = parser.parse_known_args(argv)
+    if extra_arguments and not getattr(args, "takes_extra_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra_arguments)}")
+    args.extra_arguments = extra_arguments
     try:
         args.run(args)
     except (OSError, ValueError, KeyError) as error:
