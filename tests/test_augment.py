@@ -94,6 +94,7 @@ def test_parse_qa_reads_markdown_and_stops_at_a_second_pair():
              "**Explanation:** It is a star\nof type G.\n\nQuestion: Another one?\nAnswer: no")
     assert parse_qa(reply) == {"question": "Is our sun one of the stars?", "answer": "Yes.",
                                "explanation": "It is a star\nof type G."}
+    assert parse_qa("Question: Is a coin round?\n\nNo: no\nAnswer: no")["question"] == "Is a coin round?"
     assert parse_qa("I cannot help with that.") == {}
     assert parse_qa("Question:   \nAnswer: yes") == {"answer": "yes"}  # an empty field is a missing field
 
@@ -108,7 +109,7 @@ def test_match_label_accepts_the_label_first_and_nothing_else():
 
 def test_parse_text_drops_chatter_and_quotes():
     assert parse_text('Sure! Here is the paraphrased text:\n"A fox saw a crow."') == "A fox saw a crow."
-    assert parse_text("Paraphrased version:\nA fox saw a crow.\nShe held cheese.") == "A fox saw a crow.\nShe held cheese."
+    assert parse_text("Paraphrased version:\nA fox saw a crow.\nIt sang.") == "A fox saw a crow.\nIt sang."
     assert parse_text("Here is the text you asked for:\n\n") == ""
 
 
@@ -219,7 +220,8 @@ def test_quality_control_drops_each_kind_of_bad_row_and_says_why(tmp_path):
                                           "Is Mount Everest the tallest mountain above sea level?"]
     rewrite = result.dataset[0]
     assert (rewrite["answer"], rewrite["strategy"], rewrite["source_rows"]) == ("yes", "rewrite", [0])
-    assert rewrite["generator"] == "scripted" and rewrite["template_hash"] == template_hash(DEFAULT_TEMPLATES["rewrite"])
+    assert rewrite["generator"] == "scripted"
+    assert rewrite["template_hash"] == template_hash(DEFAULT_TEMPLATES["rewrite"])
     new_pair = result.dataset[1]
     assert new_pair["strategy"] == "new_pairs" and len(new_pair["source_rows"]) == 3
 
@@ -270,7 +272,7 @@ def test_kept_rows_use_the_source_column_names():
 def test_source_rows_that_do_not_fit_are_clear_errors():
     with pytest.raises(ValueError, match="neither a question column"):
         augment(Dataset.from_list([{"prompt": "x"}]), ScriptedGenerator({}))
-    with pytest.raises(ValueError, match="not among labels"):
+    with pytest.raises(ValueError, match="not one of the labels"):
         augment(Dataset.from_list(QA_ROWS), ScriptedGenerator({}), AugmentConfig(labels=["true", "false"]))
     with pytest.raises(ValueError, match="needs both a `scorer`"):
         augment(Dataset.from_list(QA_ROWS), ScriptedGenerator({}), quality=QualityConfig(min_reference_score=-1.0))
@@ -338,8 +340,9 @@ def test_seeded_sampling_does_not_depend_on_batching():
     greedy = random_generator(batch_size=2)
     replies = dict(greedy.generate(requests[:1], SamplingSettings(max_new_tokens=12, temperature=0.0)))
     inputs = greedy.tokenizer("Once upon a time", return_tensors="pt")
-    expected = greedy.model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=greedy.tokenizer.pad_token_id)
-    assert replies[requests[0]] == greedy.tokenizer.decode(expected[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = greedy.model.generate(**inputs, max_new_tokens=12, do_sample=False,
+                                     pad_token_id=greedy.tokenizer.pad_token_id)[0, inputs["input_ids"].shape[1]:]
+    assert replies[requests[0]] == greedy.tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def test_a_crashed_run_resumes_where_it_stopped(tmp_path, caplog):

@@ -10,7 +10,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import httpx2  # the HTTP library of huggingface_hub; InferenceClient lets its transport errors through
 import torch
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -22,7 +25,6 @@ from transformers import (
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
-from huggingface_hub.errors import OfflineModeIsEnabled
 from transformers.utils import logging
 
 
@@ -134,8 +136,8 @@ class TransformersGenerator:
     def _encode(self, prompts: list[str], settings: SamplingSettings):
         if self.tokenizer.chat_template is not None:
             texts = [
-                self.tokenizer.apply_chat_template(settings.messages(prompt), add_generation_prompt=True, tokenize=False)
-                for prompt in prompts
+                self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                for messages in map(settings.messages, prompts)
             ]
             add_special_tokens = False  # the template writes its own BOS where the model wants one
         else:
@@ -176,9 +178,6 @@ class TransformersGenerator:
 
 def _is_transient(error: Exception) -> bool:
     """Whether retrying may help: timeouts, dropped connections, overload and server errors."""
-    import httpx2  # the HTTP library of huggingface_hub; InferenceClient lets its transport errors through
-    from huggingface_hub.errors import HfHubHTTPError
-
     if isinstance(error, (TimeoutError, ConnectionError, httpx2.TransportError)):
         return True
     if isinstance(error, HfHubHTTPError) and error.response is not None:
@@ -188,8 +187,6 @@ def _is_transient(error: Exception) -> bool:
 
 def _describe(error: Exception, timeout: float) -> str:
     """What went wrong with a request, in a few words."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     if isinstance(error, TimeoutError):
         return f"timed out after {timeout} s"
     if isinstance(error, HfHubHTTPError) and error.response is not None:
@@ -230,8 +227,6 @@ class EndpointGenerator:
         concurrency: int = 8,
         name: str | None = None,
     ):
-        from huggingface_hub import InferenceClient
-
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise ValueError(f"Need concurrency >= 1, max_retries >= 0 and timeout > 0, not {concurrency}, "
                              f"{max_retries} and {timeout}.")
@@ -242,7 +237,8 @@ class EndpointGenerator:
 
     def complete(self, request: GenerationRequest, settings: SamplingSettings) -> str:
         """The reply to one request, with retries; raises `EndpointError` when there is none."""
-        for attempt in range(self.max_retries + 1):
+        attempt = 0
+        while True:
             try:
                 output = self.client.chat_completion(
                     settings.messages(request.prompt),
@@ -260,17 +256,21 @@ class EndpointGenerator:
                         f"every URL, {self.base_url} included. Unset HF_HUB_OFFLINE for the generation run."
                     ) from error
                 if not _is_transient(error):
-                    raise EndpointError(f"{self.base_url} refused the request ({_describe(error, self.timeout)}). "
-                                        f"Check the URL, the model name ({self.model!r}) and the API key.") from error
+                    raise EndpointError(
+                        f"{self.base_url} refused the request ({_describe(error, self.timeout)}). Check the URL, the "
+                        f"model name ({self.model!r}) and the API key."
+                    ) from error
                 if attempt == self.max_retries:
-                    raise EndpointError(f"{self.base_url} failed {attempt + 1} attempt{'s' if attempt else ''}; the last one "
-                                        f"{_describe(error, self.timeout)}. Check that the server is up and serves "
-                                        f"{self.model!r}; a slow one needs a larger `timeout`.") from error
+                    raise EndpointError(
+                        f"{self.base_url} failed {attempt + 1} attempt{'s' if attempt else ''}; the last one "
+                        f"{_describe(error, self.timeout)}. Check that the server is up and serves {self.model!r}; "
+                        "a slow one needs a larger `timeout`."
+                    ) from error
                 delay = self.retry_backoff * 2**attempt
+                attempt += 1
                 logger.warning(f"{self.base_url}: {error!r}; retrying in {delay:.1f} s "
-                               f"(attempt {attempt + 2} of {self.max_retries + 1}).")
+                               f"(attempt {attempt + 1} of {self.max_retries + 1}).")
                 time.sleep(delay)
-        raise AssertionError("unreachable")
 
     def generate(
         self, requests: Sequence[GenerationRequest], settings: SamplingSettings

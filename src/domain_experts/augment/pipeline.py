@@ -1,8 +1,7 @@
 """`augment`: one pass from source rows to a quality-controlled dataset of generated rows.
 
-    source rows ──> generation requests ──> generator ──> store (jsonl, resumable) ──> parse ──> quality checks
-                                                                                       └─> kept rows / dropped rows
-                                                                                           + report
+    source rows -> generation requests -> generator -> store (jsonl, resumable) -> parse -> quality checks
+                                                                                   -> kept rows, dropped rows, report
 """
 
 import hashlib
@@ -147,7 +146,8 @@ class _Source:
                                  "(yes/no, multiple choice). Pass `labels` to confirm the allowed set.")
             for index, row in enumerate(self.rows):
                 if row["answer"] not in self.labels:
-                    raise ValueError(f"Source row {index} has answer {row['answer']!r}, not among labels {self.labels}.")
+                    raise ValueError(f"Source row {index} has answer {row['answer']!r}, not one of the labels "
+                                     f"{self.labels}.")
         else:
             self.labels = []
 
@@ -224,7 +224,8 @@ def _candidate(job: _Job, reply: str, source: _Source) -> tuple[dict[str, Any] |
         text = parse_text(reply)
         return ({"text": text}, None, "") if text else (None, "unparseable", "empty reply")
     fields = parse_qa(reply)
-    required = [name for name in source.reply_fields(job.strategy) if not (job.strategy == "rewrite" and name == "answer")]
+    # A rewrite's label comes from its source row: its reply may restate it, and need not.
+    required = [name for name in source.reply_fields(job.strategy) if (job.strategy, name) != ("rewrite", "answer")]
     missing = [name for name in required if name not in fields]
     if missing:
         return None, "unparseable", f"no {', '.join(name.capitalize() + ':' for name in missing)} field"
@@ -347,7 +348,9 @@ def augment(
     return result
 
 
-def _generate_missing(jobs: list[_Job], generator: Generator, settings: SamplingSettings, store: GenerationStore) -> int:
+def _generate_missing(
+    jobs: list[_Job], generator: Generator, settings: SamplingSettings, store: GenerationStore
+) -> int:
     """Ask `generator` for every job `store` lacks, storing each reply as it arrives; returns how many."""
     by_key = {job.request.key: job for job in jobs}
     missing = list({job.request.key: job.request for job in jobs if job.request.key not in store}.values())

@@ -90,11 +90,15 @@ def join_labels(labels: list[str]) -> str:
     return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
 
 
+SINGLE_LINE_FIELDS = ("question", "answer")
+
+
 def parse_qa(reply: str) -> dict[str, str]:
     """The fields of the first QA pair in `reply`: each field line starts a field that runs until the next one.
 
-    Markdown decoration (`**Question:**`, `- Answer:`) is tolerated; a field seen a second time ends the pair (the
-    generator went on to write another one). Fields with empty values are left out.
+    A question or an answer is one line (what follows it on other lines is chatter); an explanation or a context may
+    run over several. Markdown decoration (`**Question:**`, `- Answer:`) is tolerated; a field seen a second time
+    ends the pair (the generator went on to write another one). Fields with empty values are left out.
     """
     matches = list(_FIELD_LINE.finditer(reply))
     fields: dict[str, str] = {}
@@ -102,8 +106,10 @@ def parse_qa(reply: str) -> dict[str, str]:
         name = match.group(1).lower()
         if name in fields:
             break
-        value = reply[match.end() : following.start() if following else len(reply)]
-        value = value.strip().strip("*_").strip().strip('"').strip()
+        value = reply[match.end() : following.start() if following else len(reply)].strip()
+        if name in SINGLE_LINE_FIELDS:
+            value = value.split("\n", 1)[0]
+        value = value.strip("*_").strip().strip('"').strip()
         if value:
             fields[name] = value
     return fields

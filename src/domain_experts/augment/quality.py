@@ -92,7 +92,8 @@ class NearDuplicateIndex:
         if exact is not None:
             return self._ids[exact], 1.0
         hashes = shingles(text, self.shingle_size)
-        candidates = {index for bucket, band in zip(self._buckets, self._bands(hashes)) for index in bucket.get(band, ())}
+        bands = zip(self._buckets, self._bands(hashes))
+        candidates = {index for bucket, band in bands for index in bucket.get(band, ())}
         best = max(((jaccard(hashes, self._shingles[i]), i) for i in candidates), default=None)
         if best is None or best[0] < self.threshold:
             return None
