@@ -7,6 +7,7 @@ import sys
 from transformers.utils import logging
 
 from .augment import add_augment_command
+from .evaluation import add_eval_commands
 from .train import add_train_command
 
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     info_parser.set_defaults(run=info)
     add_augment_command(commands)
     add_train_command(commands)
+    add_eval_commands(commands)
     args, extra_arguments = parser.parse_known_args(argv)
     if extra_arguments and not getattr(args, "takes_extra_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(extra_arguments)}")

@@ -23,7 +23,7 @@ class DomainExpertsConfig(PretrainedConfig):
         backbone_config (`dict` or `PretrainedConfig`):
             The configuration of the frozen backbone (any causal LM: Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ...).
         domains (`dict[str, dict]`, *optional*):
-            One entry per domain, in the order the domains were added. Each entry holds
+            One entry per domain, in the order the domains were added (the order of their token ids). Each entry holds
             - `"expansion_layers"` (`list[int]`): for every expansion block, the index of the backbone decoder layer
               after which it runs (and of which it is a copy). Repeated indices stack blocks at the same depth.
             - `"token_ids"` (`list[int]`): the ids of the tokens the domain owns; the first is its control token.
@@ -54,8 +54,8 @@ class DomainExpertsConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.domains is None:
-            self.domains = {}
+        # Domains keep the order they were added in, which is the order of their id ranges (config.json sorts keys).
+        self.domains = dict(sorted((self.domains or {}).items(), key=lambda item: item[1]["token_ids"][0]))
         backbone_vocab_size = self.backbone_config.get_text_config(decoder=True).vocab_size
         if self.vocab_size is None:
             self.vocab_size = backbone_vocab_size
