@@ -122,11 +122,12 @@ def test_cli_train_gate_and_eval(gated_model, tmp_path, capsys):
     folder = tmp_path / "model"
     gated_model.save_pretrained(folder)
     data = [f"recipes={corpus_path('recipes', 'validation')}", f"stories={corpus_path('stories', 'validation')}",
-            f"none={corpus_path('strategyqa', 'validation')}:question"]
+            f"none={corpus_path('strategyqa', 'validation')}:question",
+            f"none={corpus_path('strategyqa', 'extra')}:question"]
     assert main(["train-gate", str(folder), *sum([["--data", d] for d in data], []), "--max-samples", "20",
                  "--output-dir", str(tmp_path / "gated")]) == 0
-    assert json.loads(capsys.readouterr().out)["num_samples"] == 60
-    assert main(["eval", str(tmp_path / "gated"), *sum([["--data", d] for d in data], []), "--max-samples", "4",
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 80, "both none files count"
+    assert main(["eval", str(tmp_path / "gated"), *sum([["--data", d] for d in data[:3]], []), "--max-samples", "4",
                  "--routing", "both", "--output", str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) == {"token", "gate", "gate_accuracy"}

@@ -132,7 +132,10 @@ def load_model(spec: str):
 
 
 def read_data_specs(specs: list[str], text_column: str = "text", max_samples: int | None = None) -> dict:
-    """`NAME=PATH[:COLUMN]` specs (NAME "none" for the bare backbone's kind of text) -> {route: texts}."""
+    """`NAME=PATH[:COLUMN]` specs (NAME "none" for the bare backbone's kind of text) -> {route: texts}.
+
+    Specs with the same NAME add up; `max_samples` caps each file.
+    """
     import datasets
 
     data = {}
@@ -152,7 +155,7 @@ def read_data_specs(specs: list[str], text_column: str = "text", max_samples: in
         texts = [t for t in rows[column] if t and t.strip()][:max_samples]
         if not texts:
             raise ValueError(f"{path} holds no text in column {column!r}.")
-        data[None if name == NONE_ROUTE else name] = texts
+        data.setdefault(None if name == NONE_ROUTE else name, []).extend(texts)  # a name may come from several files
     return data
 
 
