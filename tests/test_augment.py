@@ -274,6 +274,8 @@ def test_source_rows_that_do_not_fit_are_clear_errors():
         augment(Dataset.from_list([{"prompt": "x"}]), ScriptedGenerator({}))
     with pytest.raises(ValueError, match="not one of the labels"):
         augment(Dataset.from_list(QA_ROWS), ScriptedGenerator({}), AugmentConfig(labels=["true", "false"]))
+    with pytest.raises(TypeError, match="str is not a generator"):
+        augment(Dataset.from_list(QA_ROWS), "HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(ValueError, match="needs both a `scorer`"):
         augment(Dataset.from_list(QA_ROWS), ScriptedGenerator({}), quality=QualityConfig(min_reference_score=-1.0))
 

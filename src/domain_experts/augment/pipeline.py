@@ -79,7 +79,8 @@ class AugmentReport:
 
     def __str__(self) -> str:
         lines = [f"generator: {self.generator}",
-                 f"requested {self.requested} (generated now {self.generated_now}, the rest reused from the store)",
+                 f"requested {self.requested}: {self.generated_now} generated now, "
+                 f"{self.requested - self.generated_now} reused from the store",
                  f"kept {self.kept}, dropped {sum(self.dropped.values())}"]
         lines += [f"  {reason}: {count}" for reason, count in self.dropped.items()]
         for strategy, counts in self.by_strategy.items():
@@ -313,7 +314,11 @@ def augment(
     Raises:
         `EndpointError`: the endpoint failed for good; what it generated before is stored, rerun to continue.
         `ValueError`: the dataset, the configs or the templates do not fit.
+        `TypeError`: `generator` is not a generator.
     """
+    if not isinstance(generator, Generator):
+        raise TypeError(f"{type(generator).__name__} is not a generator: it needs a `name` and a `generate(requests, "
+                        "settings)` method (see TransformersGenerator and EndpointGenerator).")
     config = config or AugmentConfig()
     quality = quality or QualityConfig()
     if (scorer is None) != (quality.min_reference_score is None):
