@@ -270,6 +270,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         cls,
         backbone: PreTrainedModel | str,
         tokenizer=None,
+        domains: list | None = None,
         **from_pretrained_kwargs,
     ) -> "DomainExpertsForCausalLM":
         """Wrap a causal LM, freezing all of its parameters.
@@ -278,6 +279,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             backbone: a loaded causal LM, or a model id / path passed to `AutoModelForCausalLM.from_pretrained`.
             tokenizer: the backbone's tokenizer (loaded from `backbone` when that is an id or path and this is None).
                 Domain control tokens are added to it.
+            domains: domain packs to load, in order (see [`load_domain`]): each a pack folder or Hub repo id, or a dict
+                of `load_domain` arguments, e.g. `{"repo_id_or_path": "bob/legal", "revision": "v1", "name": "law"}`.
             from_pretrained_kwargs: passed to `from_pretrained` when `backbone` is an id or path.
         """
         if isinstance(backbone, str):
@@ -304,6 +307,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         )
         model = cls(config, backbone=backbone, tokenizer=tokenizer)
         model.generation_config = copy.deepcopy(backbone.generation_config)
+        if domains:
+            cls._packs().load_packs(model, domains)
         return model
 
     @property
@@ -941,6 +946,42 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         # The frozen backbone never trains: keep its dropout off so base rows stay deterministic.
         self.backbone.eval()
         return self
+
+    # Domain packs: the logic lives in `domain_experts.packs`, which the remote-code copy of this file does not have.
+
+    @staticmethod
+    def _packs():
+        try:
+            from domain_experts import packs
+        except ImportError as error:
+            raise ImportError("Domain pack management needs `pip install domain_experts`.") from error
+        return packs
+
+    def save_domain(self, name: str, save_directory: str | os.PathLike, **kwargs):
+        """Write domain `name` as a pack folder: manifest, safetensors, tokenizer and model card (written whole, or not
+        at all). `kwargs`: `datasets`, `evaluation`, `license`, `repo_id` (see `domain_experts.packs.save_pack`)."""
+        return self._packs().save_pack(self, name, save_directory, **kwargs)
+
+    def push_domain_to_hub(self, name: str, repo_id: str, **kwargs):
+        """Upload domain `name` as a pack to Hub repo `repo_id` (created if needed) in one commit; returns its
+        `CommitInfo`. `kwargs`: `token`, `private`, `revision`, `commit_message`, `datasets`, `evaluation`, ...
+        (see `domain_experts.packs.push_pack`)."""
+        return self._packs().push_pack(self, name, repo_id, **kwargs)
+
+    def load_domain(self, repo_id_or_path: str | os.PathLike, revision: str | None = None, **kwargs) -> str:
+        """Add the domain of a pack (a folder or a Hub repo, at `revision`) and return its name here. The pack must
+        fit this backbone (same fingerprint); `name=` loads it under another name. `kwargs`: `name`, `token`,
+        `cache_dir`, `force_download`, `local_files_only` (see `domain_experts.packs.load_pack`)."""
+        return self._packs().load_pack(self, repo_id_or_path, revision, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the model in one commit: what `save_pretrained` writes (config, weights, remote code, tokenizers) and
+        a model card listing the domains (see `domain_experts.packs.push_model_to_hub`)."""
+        try:
+            packs = self._packs()
+        except ImportError:  # the remote-code copy: transformers' own upload, without the model card of the domains
+            return super().push_to_hub(repo_id, **kwargs)
+        return packs.push_model_to_hub(self, repo_id, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save config (with `auto_map`), safetensors weights, the remote-code files and the tokenizers.

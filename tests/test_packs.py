@@ -1,0 +1,596 @@
+"""Domain packs: save/load folders, push/pull through the local Hub (tests/hub_server.py), compose, CLI, security."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from backbones import FAMILIES, tiny_backbone, tiny_tokenizer
+from conftest import TEXTS, make_batch, train_domain
+from hub_server import set_hub_offline
+from huggingface_hub import HfApi, ModelCard, constants, scan_cache_dir
+from safetensors.torch import load_file, save_file
+
+from domain_experts import DomainExpertsForCausalLM
+from domain_experts.data import load_texts
+from domain_experts.packs import (
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    IncompatibleBackboneError,
+    PackAccessError,
+    PackError,
+    PackManifest,
+    backbone_info,
+    push_pack_folder,
+    verify_pack_files,
+)
+
+
+RECIPE = load_texts("recipes", "validation")[0][:160]
+STORY = load_texts("stories", "validation")[0][:160]
+PACK_FILES = [".gitattributes", "README.md", MANIFEST_NAME, WEIGHTS_NAME, "tokenizer.json", "tokenizer_config.json"]
+
+
+def new_model(family: str = "llama", seed: int = 0) -> DomainExpertsForCausalLM:
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    return DomainExpertsForCausalLM.from_backbone(tiny_backbone(family, seed=seed), tokenizer=tokenizer)
+
+
+def with_recipes(family: str = "llama", tokens: bool = True, seed: int = 0) -> DomainExpertsForCausalLM:
+    """A model with a trained `recipes` domain (with tokens of its own learned from recipes, by default)."""
+    model = new_model(family, seed)
+    corpus = {"corpus": load_texts("recipes", "validation"), "num_new_tokens": 30} if tokens else {}
+    model.add_domain("recipes", num_blocks=2, **corpus)
+    train_domain(model, "recipes", make_batch(model, [(RECIPE, "recipes"), (TEXTS["recipes"], "recipes")]))
+    return model
+
+
+def with_stories(family: str = "llama") -> DomainExpertsForCausalLM:
+    model = new_model(family)
+    model.add_domain("stories", expansion_layers=[0, 0, 2], corpus=load_texts("stories", "validation"), num_new_tokens=20)
+    train_domain(model, "stories", make_batch(model, [(STORY, "stories")]))
+    return model
+
+
+def row_outputs(model, rows: list[tuple[str, str | None]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row: logits over the backbone vocabulary, and over the row's own domain tokens (whatever their ids)."""
+    batch = make_batch(model, rows)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    vocab_size = model.config.backbone_vocab_size
+    outputs = []
+    for row, (_, domain) in enumerate(rows):
+        own = model.config.domains[domain]["token_ids"][1:] if domain else []
+        outputs.append((logits[row, :, :vocab_size], logits[row][:, own]))
+    return outputs
+
+
+def assert_same_outputs(got, expected) -> None:
+    assert len(got) == len(expected)
+    for (backbone_columns, own_columns), (want_backbone, want_own) in zip(got, expected):
+        assert torch.equal(backbone_columns, want_backbone)
+        assert torch.equal(own_columns, want_own)
+
+
+def snapshot(model) -> dict:
+    """What loading a pack may change: compared before and after a refused load."""
+    return {
+        "domains": list(model.domains),
+        "config": json.dumps(model.config.domains, sort_keys=True),
+        "vocab_size": model.config.vocab_size,
+        "tokenizer": model.tokenizer.backend_tokenizer.to_str(),
+        "state": sorted(model.state_dict()),
+    }
+
+
+RECIPE_ROWS = [(RECIPE, "recipes"), (TEXTS["base"], None), (TEXTS["recipes"], "recipes")]
+
+
+def trained_pack(tmp_path_factory, tokens: bool) -> SimpleNamespace:
+    model = with_recipes(tokens=tokens)
+    folder = model.save_domain("recipes", tmp_path_factory.mktemp("pack") / "pack")
+    return SimpleNamespace(model=model, folder=folder, outputs=row_outputs(model, RECIPE_ROWS))
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory) -> SimpleNamespace:
+    """A llama model with a trained `recipes` domain with 30 tokens of its own, its pack folder, and its outputs on
+    RECIPE_ROWS. Read-only: tests copy the folder before changing it."""
+    return trained_pack(tmp_path_factory, tokens=True)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> SimpleNamespace:
+    """The same for a `recipes` domain without tokens of its own (control token only), trained otherwise."""
+    return trained_pack(tmp_path_factory, tokens=False)
+
+
+def copy_pack(pack: SimpleNamespace, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pack.folder, tmp_path / "pack"))
+
+
+# 1. folders: save, load, move a domain between models -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied and untied output embeddings
+def test_pack_moves_an_extended_domain_to_a_model_with_other_domains(family, tmp_path):
+    source = with_recipes(family)
+    source.add_domain("stories", num_blocks=1)  # another domain in the source model: not in the pack
+    expected = row_outputs(source, RECIPE_ROWS)
+    folder = source.save_domain("recipes", tmp_path / "pack")
+
+    assert sorted(os.listdir(folder)) == sorted(PACK_FILES[1:])
+    manifest = PackManifest.from_folder(folder)
+    assert manifest.name == "recipes" and manifest.expansion_layers == [1, 3] and len(manifest.tokens) == 30
+    assert manifest.backbone == backbone_info(source)
+    assert set(manifest.tensors) == set(source.domains["recipes"].state_dict())
+    assert set(load_file(folder / WEIGHTS_NAME)) == set(manifest.tensors)  # only this domain's tensors
+    again = source.save_domain("recipes", tmp_path / "again")
+    assert all((again / f).read_bytes() == (folder / f).read_bytes() for f in os.listdir(folder)), "deterministic"
+    pack_tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    assert not any("<|domain:" in entry["content"] for entry in pack_tokenizer["added_tokens"])
+
+    target = with_stories(family)  # its stories tokens take the ids the recipes tokens had in `source`
+    stories_before = row_outputs(target, [(STORY, "stories"), (TEXTS["base"], None)])
+    assert target.load_domain(folder) == "recipes"
+    assert target.config.domains["recipes"]["token_ids"][0] == source.config.backbone_vocab_size + 21
+    assert target.config.domains["recipes"]["tokens"] == source.config.domains["recipes"]["tokens"]
+    assert target.config.domains["recipes"]["pack"] == {"name": "recipes"}
+    batch = make_batch(target, RECIPE_ROWS)
+    assert (batch["input_ids"][0] > target.config.domains["recipes"]["token_ids"][0]).any(), "uses its own tokens"
+    assert_same_outputs(row_outputs(target, RECIPE_ROWS), expected)
+    assert_same_outputs(row_outputs(target, [(STORY, "stories"), (TEXTS["base"], None)]), stories_before)
+    for key, tensor in source.domains["recipes"].state_dict().items():
+        assert torch.equal(target.domains["recipes"].state_dict()[key], tensor), key
+    assert target.batch_decode(make_batch(target, [(RECIPE, "recipes")])["input_ids"], skip_special_tokens=True) == [RECIPE]
+
+
+def test_gate_entry_is_carried_over(tmp_path):
+    source = new_model()
+    source.add_domain("recipes", num_blocks=2)
+    with torch.no_grad():  # as domain_experts' gate training leaves it
+        source.domains["recipes"].gate_weight.copy_(torch.linspace(-1, 1, source.domains["recipes"].gate_weight.numel()))
+        source.domains["recipes"].gate_bias.fill_(0.25)
+    source.config.domains["recipes"]["gate"] = True
+    folder = source.save_domain("recipes", tmp_path / "pack")
+    target = new_model()
+    target.load_domain(folder)
+    assert target.config.domains["recipes"]["gate"] is True
+    batch = make_batch(target, [(TEXTS["base"], None), (RECIPE, None)])
+    assert torch.equal(target.gate_probabilities(batch["input_ids"], batch["attention_mask"]),
+                       source.gate_probabilities(batch["input_ids"], batch["attention_mask"]))
+    assert not target.domains["recipes"].gate_weight.requires_grad
+
+    other = new_model()
+    other.config.gate_layer = 2
+    with pytest.raises(PackError, match="gate_layer = 0"):
+        other.load_domain(folder)
+    assert other.domain_names == []
+
+
+def test_name_clash_is_an_error_and_rename_keeps_outputs(recipes):
+    expected, folder = recipes.outputs, recipes.folder
+    target = new_model()
+    target.add_domain("recipes", num_blocks=1)  # a `recipes` domain of its own
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"already has a domain named 'recipes'.*name="):
+        target.load_domain(folder)
+    assert snapshot(target) == before
+    assert target.load_domain(folder, name="cooking") == "cooking"
+    assert target.config.domains["cooking"]["tokens"][0] == "<|domain:cooking|>"
+    cooking_rows = [(text, "cooking" if domain else None) for text, domain in RECIPE_ROWS]
+    assert_same_outputs(row_outputs(target, cooking_rows), expected)
+    with pytest.raises(ValueError, match="Invalid domain name"):
+        target.load_domain(folder, name="no spaces")
+
+
+def test_pack_of_another_backbone_is_rejected_naming_both(plain):
+    folder = plain.folder
+    other_weights = new_model(seed=1)
+    before = snapshot(other_weights)
+    with pytest.raises(IncompatibleBackboneError) as error:
+        other_weights.load_domain(folder)
+    message = str(error.value)
+    pack_backbone, model_backbone = PackManifest.from_folder(folder).backbone, backbone_info(other_weights)
+    assert pack_backbone.weights_sha256[:8] in message and model_backbone.weights_sha256[:8] in message
+    assert "weights differ" in message and "unnamed llama backbone" in message
+    assert snapshot(other_weights) == before
+
+    other_config = new_model()
+    other_config.backbone.config.rms_norm_eps = 1e-5  # same tensors, another computation
+    with pytest.raises(IncompatibleBackboneError, match="config differ"):
+        other_config.load_domain(folder)
+    with pytest.raises(IncompatibleBackboneError, match="config and weights differ"):
+        new_model("qwen2").load_domain(folder)
+
+
+def test_fingerprint_survives_save_pretrained_and_weight_changes_are_seen(plain, tmp_path):
+    model = plain.model
+    model.save_pretrained(tmp_path / "model")
+    reloaded = DomainExpertsForCausalLM.from_pretrained(tmp_path / "model")
+    assert backbone_info(reloaded) == backbone_info(model) == backbone_info(tiny_backbone("llama"))
+    pack = reloaded.save_domain("recipes", tmp_path / "pack")  # a pack from a saved model loads on the bare backbone
+    fresh = new_model()
+    fresh.load_domain(pack)
+    assert_same_outputs(row_outputs(fresh, RECIPE_ROWS), plain.outputs)
+
+    before = backbone_info(fresh).weights_sha256
+    with torch.no_grad():
+        fresh.backbone.model.norm.weight.mul_(2)  # in place: the cached digest must not be reused
+    assert backbone_info(fresh).weights_sha256 != before
+
+
+def rewrite_pack(folder: Path, edit_tensors=None, edit_manifest=None, rehash: bool = True) -> None:
+    """Change a pack's tensors and/or manifest, recomputing the file hashes as a forger would."""
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    if edit_tensors is not None:
+        tensors = load_file(folder / WEIGHTS_NAME)
+        edit_tensors(tensors)
+        save_file(tensors, folder / WEIGHTS_NAME)
+    if edit_manifest is not None:
+        edit_manifest(manifest)
+    if rehash:
+        data = (folder / WEIGHTS_NAME).read_bytes()
+        manifest["files"][WEIGHTS_NAME] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def _extra(tensors):
+    tensors["blocks.1.0.extra.weight"] = torch.zeros(2)
+
+
+def _missing(tensors):
+    del tensors["token_embeddings"]
+
+
+def _shape(tensors):
+    tensors["token_embeddings"] = torch.zeros(5, 32)
+
+
+def _dtype(tensors):
+    tensors["token_embeddings"] = tensors["token_embeddings"].to(torch.float16)
+
+
+MISMATCHES = {
+    "extra": (_extra, "1 unexpected tensor.*blocks.1.0.extra.weight"),
+    "missing": (_missing, "missing 1 tensor.*token_embeddings"),
+    "shape": (_shape, r"token_embeddings is float32\[5, 32\], expected float32\[1, 32\]"),
+    "dtype": (_dtype, r"token_embeddings is float16\[1, 32\], expected float32\[1, 32\]"),
+}
+
+
+def listing_of(tensors_edit):
+    def edit(manifest):
+        specs = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in manifest["tensors"].items()}
+        tensors = {k: torch.zeros(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in specs.items()}
+        tensors_edit(tensors)
+        manifest["tensors"] = {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                               for k, t in tensors.items()}
+    return edit
+
+
+@pytest.mark.parametrize("kind", MISMATCHES)
+@pytest.mark.parametrize("liar", ["file", "manifest"])
+def test_tensors_that_do_not_match_are_rejected_and_nothing_is_attached(kind, liar, plain, tmp_path):
+    folder = copy_pack(plain, tmp_path)
+    edit, expected_message = MISMATCHES[kind]
+    if liar == "file":  # the file differs from its manifest (hash updated, listing not)
+        rewrite_pack(folder, edit_tensors=edit)
+        message = f"{WEIGHTS_NAME} does not match its manifest: {expected_message}"
+    else:  # file and manifest agree, on tensors the model cannot take
+        rewrite_pack(folder, edit_tensors=edit, edit_manifest=listing_of(edit))
+        message = f"not those of a domain with these blocks.*{expected_message}"
+    target = new_model()
+    target.add_domain("stories", num_blocks=1)
+    before = snapshot(target)
+    with pytest.raises(PackError, match=message):
+        target.load_domain(folder)
+    assert snapshot(target) == before
+
+
+def test_modified_or_missing_files_are_rejected(recipes, tmp_path):
+    folder = copy_pack(recipes, tmp_path)
+    data = bytearray((folder / WEIGHTS_NAME).read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit of one weight
+    (folder / WEIGHTS_NAME).write_bytes(bytes(data))
+    target = new_model()
+    with pytest.raises(PackError, match=f"{WEIGHTS_NAME} differ from the size or sha256 in its manifest"):
+        target.load_domain(folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(PackError, match=f"{WEIGHTS_NAME}, tokenizer.json differ"):
+        target.load_domain(folder)
+    assert target.domain_names == []
+
+
+def test_a_pack_never_brings_code_or_pickles(recipes, tmp_path):
+    folder = copy_pack(recipes, tmp_path)
+    target = new_model()
+    for bad in ("modeling_evil.py", "pytorch_model.bin", "../outside.json", "/etc/passwd.json"):
+        def lists_it(manifest, bad=bad):
+            manifest["files"][bad] = {"sha256": "0" * 64, "size": 1}
+        rewrite_pack(folder, edit_manifest=lists_it, rehash=False)
+        with pytest.raises(PackError, match=f"'files.{bad}' must be"):
+            target.load_domain(folder)
+        rewrite_pack(folder, edit_manifest=lambda manifest, bad=bad: manifest["files"].pop(bad), rehash=False)
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+    def rehash_config(manifest):
+        data = (folder / "tokenizer_config.json").read_bytes()
+        manifest["files"]["tokenizer_config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+    rewrite_pack(folder, edit_manifest=rehash_config)
+    with pytest.raises(PackError, match="custom code"):
+        target.load_domain(folder)
+    assert target.domain_names == []
+
+
+def test_manifest_validation_names_the_field(plain, tmp_path):
+    folder = copy_pack(plain, tmp_path)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    PackManifest.from_dict(manifest)
+    assert PackManifest.from_dict(PackManifest.from_dict(manifest).to_dict()) == PackManifest.from_dict(manifest)
+    for field, value, match in [
+        ("format", "something.else", "'format' must be 'domain_experts.pack'"),
+        ("expansion_layers", [], "'expansion_layers' must be a non-empty list"),
+        ("tokens", ["a", "a"], "'tokens' must be a list of distinct"),
+        ("gate", {"trained": "yes", "layer": 0}, "'gate' must be"),
+        ("name", "two words", "'name' must be a domain name"),
+    ]:
+        with pytest.raises(PackError, match=match):
+            PackManifest.from_dict({**manifest, field: value})
+    with pytest.raises(PackError, match="format version 2; .* reads up to version 1. Upgrade"):
+        PackManifest.from_dict({**manifest, "format_version": 2})
+    (folder / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(PackError, match="not valid JSON"):
+        new_model().load_domain(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PackError, match="is not a domain pack"):
+        new_model().load_domain(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="neither a pack folder nor a Hub repo id"):
+        new_model().load_domain(tmp_path / "no" / "such" / "pack")
+
+
+def test_saving_writes_whole_packs_only(tmp_path, monkeypatch):
+    import domain_experts.packs as packs
+
+    model = new_model()
+    model.add_domain("recipes", num_blocks=1)
+    folder = model.save_domain("recipes", tmp_path / "pack")
+    first = (folder / WEIGHTS_NAME).read_bytes()
+    with torch.no_grad():
+        model.domains["recipes"].token_embeddings.add_(1.0)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(packs, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_domain("recipes", folder)
+    assert (folder / WEIGHTS_NAME).read_bytes() == first and verify_pack_files(folder, PackManifest.from_folder(folder)) == []
+    assert sorted(os.listdir(tmp_path)) == ["pack"], "no partial folder is left behind"
+    monkeypatch.undo()
+
+    model.save_domain("recipes", folder)  # replaces the pack whole
+    assert (folder / WEIGHTS_NAME).read_bytes() != first and sorted(os.listdir(tmp_path)) == ["pack"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no domain_pack.json"):
+        model.save_domain("recipes", tmp_path / "notes")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="evaluation must look like"):
+        model.save_domain("recipes", tmp_path / "other", evaluation={"perplexity": 3.0})
+    with pytest.raises(KeyError, match="Unknown domain 'legal'"):
+        model.save_domain("legal", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_model_card_has_hub_metadata(recipes, tmp_path):
+    folder = recipes.model.save_domain("recipes", tmp_path / "pack", datasets=["alice/recipes-corpus"], license="apache-2.0",
+                               evaluation={"dataset": "alice/recipes-corpus", "split": "test",
+                                           "metrics": {"perplexity": 4.25}}, repo_id="alice/recipes")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "domain_experts" and card.data.license == "apache-2.0"
+    assert card.data.tags == ["domain-experts", "knowledge-expansion", "recipes"]
+    assert card.data.datasets == ["alice/recipes-corpus"]
+    result = card.data.eval_results[0]
+    assert (result.metric_type, result.metric_value, result.dataset_split) == ("perplexity", 4.25, "test")
+    assert card.data.base_model is None  # a backbone built from a config has no Hub id
+    assert 'domains=["alice/recipes"]' in card.text and "| perplexity | 4.25 |" in card.text
+    assert "30 tokens of its own" in card.text
+
+
+# 2. the Hub: push, pull, revisions, corruption, access --------------------------------------------------------------
+
+
+@pytest.fixture
+def users(hub_server):
+    return {name: hub_server.add_user(name) for name in ("alice", "bob", "carol")}
+
+
+def test_push_then_load_into_a_fresh_cache(hub_server, users, recipes, tmp_path):
+    source, expected = recipes.model, recipes.outputs
+    commit = source.push_domain_to_hub("recipes", "alice/recipes", token=users["alice"], datasets=["recipes"])
+    api = HfApi(token=users["alice"])
+    assert sorted(api.list_repo_files("alice/recipes")) == sorted(PACK_FILES)
+    assert [c.commit_id for c in api.list_repo_commits("alice/recipes")][0] == commit.oid
+    assert len(api.list_repo_commits("alice/recipes")) == 2, "the initial commit, then one commit for the whole pack"
+    assert ModelCard.load("alice/recipes").data.library_name == "domain_experts"
+
+    target = new_model()
+    assert target.load_domain("alice/recipes", cache_dir=tmp_path / "fresh-cache") == "recipes"
+    assert target.config.domains["recipes"]["pack"] == {"name": "recipes", "repo_id": "alice/recipes",
+                                                        "revision": commit.oid}
+    assert_same_outputs(row_outputs(target, RECIPE_ROWS), expected)
+    assert not any("/resolve/" in r and r.endswith(".py") for r in hub_server.requests)
+
+    source.push_domain_to_hub("recipes", "alice/recipes", token=users["alice"], datasets=["recipes"])  # unchanged
+    assert len(api.list_repo_commits("alice/recipes")) == 2
+
+
+def test_revision_pinning_and_offline_mode(hub_server, users, recipes, plain, monkeypatch):
+    # Two versions of the `recipes` pack: with tokens of its own, then without (trained otherwise).
+    first = push_pack_folder(recipes.folder, "alice/recipes", token=users["alice"]).oid
+    second = push_pack_folder(plain.folder, "alice/recipes", token=users["alice"]).oid
+    first_outputs, second_outputs = recipes.outputs, plain.outputs
+    assert first != second
+
+    pinned, latest = new_model(), new_model()
+    pinned.load_domain("alice/recipes", revision=first)
+    latest.load_domain("alice/recipes")
+    assert_same_outputs(row_outputs(pinned, RECIPE_ROWS), first_outputs)
+    assert_same_outputs(row_outputs(latest, RECIPE_ROWS), second_outputs)
+    assert latest.config.domains["recipes"]["pack"]["revision"] == second
+
+    requests = len(hub_server.requests)
+    set_hub_offline(monkeypatch)
+    offline_pinned, offline_latest = new_model(), new_model()
+    offline_pinned.load_domain("alice/recipes", revision=first)
+    offline_latest.load_domain("alice/recipes")
+    assert_same_outputs(row_outputs(offline_pinned, RECIPE_ROWS), first_outputs)
+    assert_same_outputs(row_outputs(offline_latest, RECIPE_ROWS), second_outputs)
+    assert len(hub_server.requests) == requests, "offline loads make no request"
+    with pytest.raises(OSError, match="not in the Hugging Face cache.*offline"):
+        new_model().load_domain("bob/never-downloaded")
+
+
+@pytest.mark.parametrize("path", [WEIGHTS_NAME, MANIFEST_NAME, "tokenizer.json"])
+def test_corrupted_download_is_an_error_and_does_not_poison_the_cache(hub_server, users, recipes, path):
+    expected = recipes.outputs
+    push_pack_folder(recipes.folder, "alice/recipes", token=users["alice"])
+    hub_server.corrupt("alice/recipes", path)  # same size, first byte flipped: huggingface_hub does not notice
+    target = new_model()
+    before = snapshot(target)
+    with pytest.raises(PackError, match="does not match the sha256|not valid JSON"):
+        target.load_domain("alice/recipes")
+    assert snapshot(target) == before
+    cached = [file.file_name for repo in scan_cache_dir(constants.HF_HUB_CACHE).repos for revision in repo.revisions for file in revision.files]
+    assert path not in cached, "the corrupted file left the cache"
+    with pytest.raises(PackError):  # still corrupted on the server: still refused, never served from the cache
+        target.load_domain("alice/recipes")
+
+    hub_server.repair("alice/recipes", path)
+    target.load_domain("alice/recipes")
+    assert_same_outputs(row_outputs(target, RECIPE_ROWS), expected)
+
+
+def test_private_pack_needs_a_valid_token(hub_server, users, plain):
+    source = plain.model
+    source.push_domain_to_hub("recipes", "alice/secret", token=users["alice"], private=True)
+    assert HfApi(token=users["alice"]).model_info("alice/secret").private
+    target = new_model()
+    with pytest.raises(PackAccessError, match="'alice/secret'.*private and no token was passed.*token="):
+        target.load_domain("alice/secret")
+    with pytest.raises(PackAccessError, match="private and the token passed has no access"):
+        target.load_domain("alice/secret", token=users["bob"])
+    with pytest.raises(PackAccessError, match="HTTP 401.*token is invalid"):
+        target.load_domain("alice/secret", token="hf_not_a_real_token")
+    assert target.domain_names == []
+    target.load_domain("alice/secret", token=users["alice"])
+    assert_same_outputs(row_outputs(target, RECIPE_ROWS), plain.outputs)
+
+    with pytest.raises(PackAccessError, match="may not write to 'alice/secret'"):
+        source.push_domain_to_hub("recipes", "alice/secret", token=users["bob"])
+    with pytest.raises(PackAccessError, match="needs a valid write token"):
+        source.push_domain_to_hub("recipes", "alice/other")
+    assert len(HfApi(token=users["alice"]).list_repo_commits("alice/secret")) == 2
+
+
+def test_a_repo_without_a_manifest_is_not_a_pack(hub_server, users, tmp_path):
+    api = HfApi(token=users["alice"])
+    api.create_repo("alice/model")
+    (tmp_path / "config.json").write_text("{}")
+    api.upload_file(path_or_fileobj=tmp_path / "config.json", path_in_repo="config.json", repo_id="alice/model")
+    with pytest.raises(PackError, match="alice/model is not a domain pack: it has no domain_pack.json"):
+        new_model().load_domain("alice/model")
+    with pytest.raises(PackError, match="has no revision 'v9'"):
+        new_model().load_domain("alice/model", revision="v9")
+    with pytest.raises(PackAccessError, match="does not exist"):
+        new_model().load_domain("alice/nothing-here")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_users_publish_packs_and_a_third_composes_them(family, hub_server, users):
+    alice, bob = with_recipes(family), with_stories(family)
+    alice.push_domain_to_hub("recipes", "alice/recipes", token=users["alice"])
+    bob.push_domain_to_hub("stories", "bob/stories", token=users["bob"])
+    story_rows = [(STORY, "stories"), (TEXTS["base"], None)]
+
+    reference = tiny_backbone(family)
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    carol = DomainExpertsForCausalLM.from_backbone(
+        tiny_backbone(family), tokenizer=tokenizer, domains=["alice/recipes", {"repo_id_or_path": "bob/stories"}]
+    )
+    assert carol.domain_names == ["recipes", "stories"]
+    assert_same_outputs(row_outputs(carol, RECIPE_ROWS), row_outputs(alice, RECIPE_ROWS))
+    assert_same_outputs(row_outputs(carol, story_rows), row_outputs(bob, story_rows))
+    batch = make_batch(carol, [(TEXTS["base"], None), (TEXTS["stories"], None)])
+    with torch.no_grad():
+        expected_base = reference(**batch).logits
+        assert torch.equal(carol(**batch).logits[..., : carol.config.backbone_vocab_size], expected_base)
+
+
+# 3. the composed model on the Hub, loaded where domain_experts is not installed -------------------------------------
+
+
+REMOTE_HUB_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["domain_experts"] = None  # no domain_experts in this process: the repo's own code must do
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    repo_id, work = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert sorted(model.domain_tokenizers) == ["recipes", "stories"]
+    inputs = model.tokenize([sys.argv[3], sys.argv[4], "Is the sun a star?"], domain=["recipes", "stories", None])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.save({"input_ids": inputs["input_ids"], "logits": logits}, work + "/remote.pt")
+    """
+)
+
+
+def test_composed_model_push_to_hub_loads_as_remote_code(hub_server, users, recipes, tmp_path):
+    push_pack_folder(recipes.folder, "alice/recipes", token=users["alice"])
+    with_stories().push_domain_to_hub("stories", "bob/stories", token=users["bob"])
+    composed = new_model()
+    composed.load_domain("alice/recipes")
+    composed.load_domain("bob/stories")
+    commit = composed.push_to_hub("carol/composed", token=users["carol"])
+    api = HfApi(token=users["carol"])
+    files = set(api.list_repo_files("carol/composed"))
+    assert {"config.json", "model.safetensors", "configuration_domain_experts.py", "modeling_domain_experts.py",
+            "tokenization_domain_experts.py", "tokenizer.json", "domain_tokenizers/recipes/tokenizer.json",
+            "domain_tokenizers/stories/tokenizer.json", "README.md"} <= files
+    assert [c.commit_id for c in api.list_repo_commits("carol/composed")][0] == commit.oid
+    assert len(api.list_repo_commits("carol/composed")) == 2
+    card = ModelCard.load("carol/composed")
+    assert card.data.library_name == "domain_experts" and {"recipes", "stories"} <= set(card.data.tags)
+    assert "[alice/recipes@" in card.text and "trust_remote_code=True" in card.text
+
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_HUB_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_CACHE=str(tmp_path / "remote-cache"), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, str(script), "carol/composed", str(tmp_path), RECIPE, STORY],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "remote.pt")
+    batch = composed.tokenize([RECIPE, STORY, "Is the sun a star?"], domain=["recipes", "stories", None])
+    assert torch.equal(remote["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(remote["logits"], composed(**batch).logits)
+
