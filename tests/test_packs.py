@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, ModelCard, constants, scan_cache_dir
 from safetensors.torch import load_file, save_file
 
 from domain_experts import DomainExpertsForCausalLM
+from domain_experts.cli import main
 from domain_experts.data import load_texts
 from domain_experts.packs import (
     MANIFEST_NAME,
@@ -594,3 +595,56 @@ def test_composed_model_push_to_hub_loads_as_remote_code(hub_server, users, reci
     with torch.no_grad():
         assert torch.equal(remote["logits"], composed(**batch).logits)
 
+
+# 4. the command line -------------------------------------------------------------------------------------------------
+
+
+def test_cli_push_pull_info_compose(hub_server, users, recipes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", users["alice"])
+    source = new_model()
+    source.load_domain(recipes.folder)
+    source.add_domain("stories", num_blocks=1)
+    source.save_pretrained(tmp_path / "model")
+    pack = recipes.folder
+    backbone_folder = tmp_path / "backbone"
+    tiny_backbone("llama").save_pretrained(backbone_folder)
+    tiny_tokenizer().save_pretrained(backbone_folder)
+
+    assert main(["push", str(pack), "alice/recipes"]) == 0
+    assert main(["push", str(tmp_path / "model"), "alice/stories", "--domain", "stories", "--private"]) == 0
+    assert "pushed alice/stories" in capsys.readouterr().out
+    assert HfApi().model_info("alice/stories").private
+    assert main(["push", str(tmp_path / "model"), "alice/stories"]) == 2
+    assert "name it with --domain" in capsys.readouterr().err
+
+    assert main(["pull", "alice/recipes", str(tmp_path / "pulled")]) == 0
+    assert "pulled pack recipes" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "pulled")) == sorted(PACK_FILES[1:])
+    assert (tmp_path / "pulled" / WEIGHTS_NAME).read_bytes() == (pack / WEIGHTS_NAME).read_bytes()
+
+    for where in (str(tmp_path / "pulled"), "alice/recipes"):
+        assert main(["info", where, "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert (summary["pack"], summary["blocks"], summary["tokens"]) == ("recipes", 2, 30)
+    assert main(["info", str(tmp_path / "pulled")]) == 0
+    assert "domain pack recipes" in capsys.readouterr().out
+
+    assert main(["compose", str(backbone_folder), "alice/recipes", "cooking=alice/recipes", "alice/stories",
+                 "--output", str(tmp_path / "composed"), "--push-to", "alice/composed"]) == 0
+    assert "recipes, cooking, stories" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "composed"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary["domains"]) == ["recipes", "cooking", "stories"]
+    assert summary["domains"]["cooking"]["pack"]["repo_id"] == "alice/recipes"
+    assert (tmp_path / "composed" / "README.md").is_file()
+    composed = DomainExpertsForCausalLM.from_pretrained(tmp_path / "composed")
+    composed.tokenizer.padding_side = "left"  # as `source`'s (the backbone folder's tokenizer pads on the right)
+    assert_same_outputs(row_outputs(composed, RECIPE_ROWS), recipes.outputs)
+    assert "README.md" in HfApi().list_repo_files("alice/composed")
+
+    assert main(["compose", str(backbone_folder), "alice/recipes"]) == 2
+    assert "--output DIR and/or --push-to" in capsys.readouterr().err
+    assert main(["push", str(pack), "alice/secret", "--private"]) == 0
+    monkeypatch.delenv("HF_TOKEN")
+    assert main(["pull", "alice/secret", str(tmp_path / "nope")]) == 2
+    assert "it is private and no token was passed" in capsys.readouterr().err and not (tmp_path / "nope").exists()
