@@ -8,6 +8,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+# The tiny test models spend more time synchronising threads than computing; one thread is faster and leaves the other
+# core to subprocesses. Tests on the real backbone take every core back (see test_slow_smollm2.py).
+torch.set_num_threads(1)
 
 from backbones import FAMILIES, tiny_backbone, tiny_tokenizer  # noqa: E402
 

@@ -585,7 +585,8 @@ def test_composed_model_push_to_hub_loads_as_remote_code(hub_server, users, reci
     script = tmp_path / "remote.py"
     script.write_text(REMOTE_HUB_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_CACHE=str(tmp_path / "remote-cache"), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env.update(HF_HUB_CACHE=str(tmp_path / "remote-cache"), HF_MODULES_CACHE=str(tmp_path / "modules"),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))  # bit-identity depends on the thread count
     result = subprocess.run([sys.executable, str(script), "carol/composed", str(tmp_path), RECIPE, STORY],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]

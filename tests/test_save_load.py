@@ -104,7 +104,9 @@ def test_remote_code_loads_without_the_package(setup, tmp_path):
     script = tmp_path / "load_remote.py"
     script.write_text(REMOTE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    # Same intra-op thread count as this process: float reductions, and so bit-identity, depend on it.
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]

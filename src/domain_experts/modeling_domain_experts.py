@@ -278,7 +278,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         Args:
             backbone: a loaded causal LM, or a model id / path passed to `AutoModelForCausalLM.from_pretrained`.
             tokenizer: the backbone's tokenizer (loaded from `backbone` when that is an id or path and this is None).
-                Domain control tokens are added to it.
+                Adding a domain gives `model.tokenizer` a copy of it with the domain's control token: the tokenizer
+                passed here is never changed.
             domains: domain packs to load, in order (see [`load_domain`]): each a pack folder or Hub repo id, or a dict
                 of `load_domain` arguments, e.g. `{"repo_id_or_path": "bob/legal", "revision": "v1", "name": "law"}`.
             from_pretrained_kwargs: passed to `from_pretrained` when `backbone` is an id or path.
