@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--new-tokens", type=int, default=0, help="tokens the domain learns from recipes")
-    parser.add_argument("--eval-samples", type=int, default=60, help="test texts per corpus (0: all)")
+    parser.add_argument("--eval-samples", type=int, default=60,
+                        help="test texts per corpus, for perplexity and the gate (0: all)")
     parser.add_argument("--gate-samples", type=int, default=200, help="training texts per class for the gate")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -79,8 +80,9 @@ def main() -> None:
                     + load_texts("strategyqa", "train", "question")[: args.gate_samples // 2]}
     train_gate(model, gate_samples)
     # Stories are not a domain here: like strategyqa questions, they belong on the bare backbone ("none").
-    test_sets = {"recipes": ("recipes", load_texts("recipes", "test")), "stories": (None, load_texts("stories", "test")),
-                 "strategyqa questions": (None, load_texts("strategyqa", "test", "question"))}
+    test_sets = {"recipes": ("recipes", load_texts("recipes", "test")[:limit]),
+                 "stories": (None, load_texts("stories", "test")[:limit]),
+                 "strategyqa questions": (None, load_texts("strategyqa", "test", "question")[:limit])}
     per_corpus = {name: gate_accuracy(model, {route: texts})["accuracy"] for name, (route, texts) in test_sets.items()}
     sizes = {name: len(texts) for name, (_, texts) in test_sets.items()}
     overall = sum(per_corpus[n] * sizes[n] for n in sizes) / sum(sizes.values())
