@@ -172,7 +172,7 @@ def full_fine_tuning(backbone_dir: str, load, args, sizes: dict) -> dict:
 
 
 def lora(backbone_dir: str, load, args, sizes: dict, target_parameters: int) -> dict:
-    """(b) LoRA on every linear layer of the decoder, rank chosen to match `target_parameters`; merged after training."""
+    """(b) LoRA on every decoder linear layer, its rank chosen to match `target_parameters`; merged after training."""
     from peft import LoraConfig, get_peft_model
 
     set_seed(args.seed)
@@ -207,14 +207,14 @@ def expansion(backbone_dir: str, args, sizes: dict, new_tokens: int, output_dir:
             "new_tokens": len(model.config.domains[DOMAIN]["token_ids"]) - 1}
 
 
-def pretrain(corpus: str, args, output_dir: Path) -> tuple[str, float]:
+def pretrain(corpus: str, args, output_dir: Path, steps: int) -> tuple[str, float]:
     """A `tiny` backbone and its own tokenizer trained from scratch on `corpus`; returns its folder and the seconds."""
     start = time.perf_counter()
     train(TrainingConfig(
         output_dir=str(output_dir), preset=args.preset, vocab_size=args.vocab_size,
         train_file=str(corpus_path(corpus, "train")), validation_file=str(corpus_path(corpus, "validation")),
-        block_size=args.s_block_size, batch_size=args.s_batch_size, max_steps=args.pretrain_steps,
-        learning_rate=args.pretrain_lr, warmup_steps=args.pretrain_steps // 20, max_eval_samples=20, seed=args.seed))
+        block_size=args.s_block_size, batch_size=args.s_batch_size, max_steps=steps,
+        learning_rate=args.pretrain_lr, warmup_steps=steps // 20, max_eval_samples=20, seed=args.seed))
     return str(output_dir / "model"), time.perf_counter() - start
 
 
@@ -234,7 +234,7 @@ def run_setting(setting: str, args) -> dict:
         sizes = {"steps": args.s_steps, "batch_size": args.s_batch_size, "block_size": args.s_block_size,
                  "lr_full": args.s_lr_full, "lr_lora": args.s_lr_lora, "lr_expansion": args.s_lr_expansion}
         logger.info("Pretraining the stories backbone.")
-        backbone_dir, pretrain_seconds = pretrain("stories", args, work / "stories")
+        backbone_dir, pretrain_seconds = pretrain("stories", args, work / "stories", args.pretrain_steps)
         load, new_tokens = load_folder, args.s_new_tokens
     else:
         texts = {name: t[: args.m_eval_texts or None] for name, t in texts.items()}
@@ -268,6 +268,7 @@ def run_setting(setting: str, args) -> dict:
             row["backbone_generation_tokens_per_second"] = generation(backbone, args, False)["tokens_per_second"]
         rows[key] = row
         logger.info(f"{label}: {json.dumps({k: v for k, v in row.items() if k != 'generation'})}")
+        (work / "rows.json").write_text(json.dumps(rows, indent=2))  # what is measured so far, should a run stop
 
     logger.info("(c) expansion with an extended tokenizer.")
     record("expansion", f"(c) expansion, {args.num_blocks} blocks, extended tokenizer",
@@ -283,10 +284,11 @@ def run_setting(setting: str, args) -> dict:
     record("lora", f"(b) LoRA, rank {lora_result['rank']}, merged", lora_result, False)
     if setting == "S":
         logger.info("(e) a separate model trained from scratch on recipes.")
-        folder, seconds = pretrain("recipes", args, work / "recipes_scratch")
+        steps = args.scratch_steps or args.pretrain_steps
+        folder, seconds = pretrain("recipes", args, work / "recipes_scratch", steps)
         model, scratch_tokenizer = load_folder(folder)
         model.tokenizer = scratch_tokenizer
-        scratch_tokens = args.pretrain_steps * args.s_batch_size * args.s_block_size
+        scratch_tokens = steps * args.s_batch_size * args.s_block_size
         rows["scratch"] = {
             "label": "(e) separate recipes model from scratch", "before": None,
             "after": bits_per_character(model, texts, args, None), "trainable_parameters": trainable(model),
@@ -334,9 +336,10 @@ def run_setting(setting: str, args) -> dict:
 def markdown(result: dict, command: str) -> str:
     fmt = lambda value: "" if value is None else f"{value:.4f}"  # noqa: E731
     lines = [f"Setting {result['setting']}: backbone {result['backbone']}, {result['training_tokens']:,} recipes "
-             f"training tokens per method (train tokens/s: wall time of the whole method, including learning the tokenizer "
-             f"where there is one); test bits per character on {result['eval_texts']['stories']} stories and "
-             f"{result['eval_texts']['recipes']} recipes texts. `{command}`", "",
+             f"training tokens per method (train tokens/s: wall time of the whole method, including "
+             f"learning the tokenizer where there is one); test bits per character on "
+             f"{result['eval_texts']['stories']} stories and {result['eval_texts']['recipes']} recipes texts. "
+             f"`{command}`", "",
              "| method | stories bpc before | after | recipes bpc before | after | trainable parameters | "
              "train tokens/s | mixed-batch gen tokens/s |", "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"].values():
@@ -396,6 +399,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
+    parser.add_argument("--scratch-steps", type=int, default=0, help="(e)'s steps (0: --pretrain-steps)")
     parser.add_argument("--s-steps", type=int, default=300)
     parser.add_argument("--s-batch-size", type=int, default=8)
     parser.add_argument("--s-block-size", type=int, default=128)
