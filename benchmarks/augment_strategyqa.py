@@ -200,7 +200,9 @@ def main() -> None:
 
                 record(f"{condition} | {method} | seed {seed}", measure)
 
-    print(f"\n{len(augmented)} augmented rows kept. Test accuracy / macro-F1 (mean over seeds {args.seeds}):\n")
+    labels = augmented["answer"]
+    print(f"\n{len(augmented)} augmented rows kept ({labels.count('yes')} yes, {labels.count('no')} no). "
+          f"Test accuracy / macro-F1 (mean over seeds {args.seeds}):\n")
     print("| training data | rows | " + " | ".join(args.methods) + " |")
     print("|---|---|" + "---|" * len(args.methods))
     zero = results["zero-shot | test"]
