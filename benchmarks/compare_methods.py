@@ -377,7 +377,8 @@ def plot(result: dict, path: Path) -> None:
         axis.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
         axis.set_ylabel("test bits per character")
         axis.set_title(f"{domain} (lower is better)")
-    axes[0].legend()
+        axis.set_ylim(top=1.2 * axis.get_ylim()[1])  # room for the legend above the bars
+    axes[0].legend(loc="upper left", ncol=2)
     figure.suptitle(f"Setting {result['setting']}: adding recipes to {result['backbone']}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
