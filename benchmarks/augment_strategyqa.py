@@ -177,6 +177,10 @@ def main() -> None:
         "train + all extra": concatenate_datasets([splits["train"], splits["extra"]]),
     }
 
+    def key(condition: str, method: str, seed: int) -> str:
+        # The row count is part of the key: other quality settings change what augmentation (and "same count") adds.
+        return f"{condition} | {len(training_sets[condition])} rows | {method} | seed {seed}"
+
     def record(key: str, measure) -> None:
         if key in results:
             return
@@ -198,7 +202,7 @@ def main() -> None:
                     return {"rows": len(training_sets[condition]), "validation": evaluate(model, splits["validation"]),
                             "test": evaluate(model, splits["test"])}
 
-                record(f"{condition} | {method} | seed {seed}", measure)
+                record(key(condition, method, seed), measure)
 
     labels = augmented["answer"]
     print(f"\n{len(augmented)} augmented rows kept ({labels.count('yes')} yes, {labels.count('no')} no). "
@@ -211,7 +215,7 @@ def main() -> None:
     for condition in args.conditions:
         cells = []
         for method in args.methods:
-            runs = [results[f"{condition} | {method} | seed {seed}"]["test"] for seed in args.seeds]
+            runs = [results[key(condition, method, seed)]["test"] for seed in args.seeds]
             cells.append(" / ".join(f"{statistics.mean(run[m] for run in runs):.3f}" for m in ("accuracy", "macro_f1")))
         print(f"| {condition} | {len(training_sets[condition])} | " + " | ".join(cells) + " |")
 

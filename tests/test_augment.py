@@ -196,23 +196,25 @@ def test_quality_control_drops_each_kind_of_bad_row_and_says_why(tmp_path):
         ],
         "new_pairs": [
             qa("Is Mount Everest the tallest mountain above sea level?"),
-            qa("Is the sun a star?"),  # a source row
+            qa("Is the sun a star?", "no"),  # a source row
             qa("Is Everest the tallest mountain above sea level?"),  # near duplicate of the first new pair
             qa("Do penguins live at the North Pole?", "maybe"),
-            qa("Why?", "no"),
-            qa("Was the Eiffel Tower built for the 1889 World's Fair in Paris?"),  # reworded evaluation question
+            qa("Why?"),
+            qa("Was the Eiffel Tower built for the 1889 World's Fair in Paris?", "no"),  # reworded evaluation question
             qa(" ".join(["Is this question very long indeed"] * 5)),
             "Question: Is a tomato a fruit?\nAnswer: yes",  # no explanation
+            qa("Do fish breathe through lungs?", "no"),  # asked for a "yes" pair
         ],
     }
     generator = ScriptedGenerator(replies)
-    config = AugmentConfig(num_new_pairs=8)
+    config = AugmentConfig(num_new_pairs=9)  # asking for yes, no, yes, ...
     result = augment(Dataset.from_list(QA_ROWS), generator, config, eval_dataset=Dataset.from_list(EVAL_ROWS),
                      output_dir=tmp_path)
 
     report = result.report
-    assert report.requested == report.generated_now == 12 and report.kept == 2
-    assert report.dropped == {"unparseable": 2, "invalid_label": 1, "label_changed": 1, "too_short": 1, "too_long": 1,
+    assert report.requested == report.generated_now == 13 and report.kept == 2
+    assert report.dropped == {"unparseable": 2, "invalid_label": 1, "label_changed": 1, "label_not_requested": 1,
+                              "too_short": 1, "too_long": 1,
                               "eval_overlap": 1, "exact_duplicate": 2, "near_duplicate": 1}
     assert report.by_strategy["rewrite"] == {"requested": 4, "kept": 1, "unparseable": 1, "label_changed": 1,
                                              "exact_duplicate": 1}
@@ -229,13 +231,14 @@ def test_quality_control_drops_each_kind_of_bad_row_and_says_why(tmp_path):
     assert "evaluation row 0" in details["eval_overlap"]
     assert "generated row 1" in details["near_duplicate"]
     assert details["label_changed"] == "answer 'yes', the source row's is 'no'"
+    assert details["label_not_requested"] == "answer 'no', the prompt asked for 'yes'"
     assert "Explanation:" in [row["detail"] for row in result.dropped if row["reason"] == "unparseable"][1]
     assert all(row["generator"] == "scripted" for row in result.dropped)
 
     saved = load_from_disk(str(tmp_path / "dataset"))
     assert saved.to_list() == result.dataset.to_list()
     assert json.loads((tmp_path / "report.json").read_text()) == report.to_dict()
-    assert len((tmp_path / "dropped.jsonl").read_text().splitlines()) == 10
+    assert len((tmp_path / "dropped.jsonl").read_text().splitlines()) == 11
 
     # Other quality settings on the same output folder reuse the stored generations: nothing is generated again.
     rerun = ScriptedGenerator(replies)
@@ -432,8 +435,9 @@ def test_endpoint_generator_against_transformers_serve(server, canned_models, tm
     config = AugmentConfig(num_new_pairs=2, temperature=0.7, seed=5)
     result = augment(Dataset.from_list(QA_ROWS), generator, config, output_dir=tmp_path)
     # Every reply is the canned pair (answer "no"): the rewrites of "yes" rows change their label, the first rewrite
-    # of a "no" row is kept, everything after it repeats it.
-    assert result.report.dropped == {"label_changed": 2, "exact_duplicate": 3} and result.report.kept == 1
+    # of a "no" row is kept, the new pair asked for "yes" answers otherwise, everything else repeats the kept row.
+    assert result.report.dropped == {"label_changed": 2, "label_not_requested": 1, "exact_duplicate": 2}
+    assert result.report.kept == 1
     row = result.dataset[0]
     assert (row["question"], row["answer"], row["source_rows"]) == ("Can a whale breathe under water?", "no", [1])
     assert row["generator"] == f"endpoint:{canned_models['qa']}"

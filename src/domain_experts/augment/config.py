@@ -59,7 +59,7 @@ class AugmentConfig(_JsonConfig):
         num_shots (`int`): how many seed examples each `"new_pairs"` prompt shows.
         labels (`list[str]`, *optional*):
             The allowed answers of a QA task. `None` means the distinct answers of the source rows. `"new_pairs"`
-            asks for each label in turn, so the new pairs stay balanced.
+            asks for each label in turn and drops a pair that answers otherwise, so the new pairs stay balanced.
         templates (`dict[str, str]`, *optional*):
             Prompt templates replacing the defaults of `DEFAULT_TEMPLATES`, keyed by strategy. They are
             `str.format` strings; see `TEMPLATE_FIELDS` for the fields each strategy fills in.
@@ -127,8 +127,9 @@ class QualityConfig(_JsonConfig):
     r"""
     What an augmentation run keeps. Generations pass the checks in this order, and the first that fails names the
     reason a row is dropped: unparseable output, a label outside the allowed set (or, for a rewrite, other than its
-    source row's), too short or too long, overlap with the evaluation split, a reference-model score under the
-    threshold, an exact or a near duplicate of a source row or of a row kept earlier. (Scoring comes before
+    source row's; for a new pair, other than the one its prompt asked for), too short or too long, overlap with the
+    evaluation split, a reference-model score under the threshold, an exact or a near duplicate of a source row or of
+    a row kept earlier. (Scoring comes before
     deduplication so that a row dropped for its score never stands in the way of a duplicate of it that scores
     well.)
 

@@ -47,6 +47,7 @@ DROP_REASONS = (
     "unparseable",  # the reply does not hold the fields asked for
     "invalid_label",  # the answer is not one of the allowed labels
     "label_changed",  # a rewrite states another answer than its source row
+    "label_not_requested",  # a new pair answers otherwise than the prompt asked: the label balance would be lost
     "too_short",
     "too_long",
     "eval_overlap",  # exact or near duplicate of an evaluation row: would leak the test into training
@@ -106,6 +107,7 @@ class _Job:
     strategy: str
     source_rows: list[int]
     template_hash: str
+    requested_label: str | None = None  # the answer a new pair's prompt asks for
 
 
 class _Source:
@@ -182,10 +184,10 @@ def _derive_seed(seed: int, *parts: object) -> int:
 def _jobs(source: _Source, config: AugmentConfig, generator: Generator, settings: SamplingSettings) -> list[_Job]:
     jobs = []
 
-    def add(strategy: str, prompt: str, source_rows: list[int], seed: int):
+    def add(strategy: str, prompt: str, source_rows: list[int], seed: int, requested_label: str | None = None):
         key_material = json.dumps([generator.name, asdict(settings), prompt, seed], ensure_ascii=False)
         request = GenerationRequest(hashlib.sha256(key_material.encode()).hexdigest(), prompt, seed)
-        jobs.append(_Job(request, strategy, source_rows, template_hash(config.template(strategy))))
+        jobs.append(_Job(request, strategy, source_rows, template_hash(config.template(strategy)), requested_label))
 
     labels = join_labels(source.labels) if source.labels else ""
     for strategy in source.strategies:
@@ -208,7 +210,7 @@ def _jobs(source: _Source, config: AugmentConfig, generator: Generator, settings
                 target = source.labels[j % len(source.labels)]  # ask for each label in turn: balanced new pairs
                 examples = "\n\n".join(format_qa(source.rows[i]) for i in shots)
                 prompt = template.format(examples=examples, answer=target, labels=labels, format=reply_format)
-                add(strategy, prompt, shots, seed)
+                add(strategy, prompt, shots, seed, requested_label=target)
     return jobs
 
 
@@ -245,6 +247,8 @@ def _candidate(job: _Job, reply: str, source: _Source) -> tuple[dict[str, Any] |
         label = match_label(fields["answer"], source.labels)
         if label is None:
             return None, "invalid_label", f"answer {fields['answer']!r} is none of {source.labels}"
+        if label != job.requested_label:
+            return None, "label_not_requested", f"answer {label!r}, the prompt asked for {job.requested_label!r}"
         row["answer"] = label
         if source.has_context:
             row["context"] = fields["context"]
