@@ -5,7 +5,8 @@ then recipes added by (a) full fine-tuning, (b) LoRA (peft) with about as many t
 expansion domain with an extended tokenizer, (d) an expansion domain without tokenizer extension (the tokenizer
 ablation); (e) is a separate `tiny` model trained from scratch on recipes with its own tokenizer ("individual models").
 
-Setting M: SmolLM2-135M as the backbone, recipes added by (a) full fine-tuning, (b) LoRA, (c) expansion.
+Setting M: SmolLM2-135M as the backbone, recipes added by (a) full fine-tuning, (b) LoRA, (c) expansion, and the
+tokenizer ablation (d).
 
     python benchmarks/compare_methods.py --setting S            # short defaults, ~20 minutes on 2 CPU cores
     python benchmarks/compare_methods.py --setting M            # very short default (20 steps of 4 x 128 tokens)
@@ -19,6 +20,9 @@ the tokenizers differ), trainable parameters, training tokens per second (wall t
 training and saving), generation tokens per second on one batch mixing both domains (greedy, a fixed number of new
 tokens), and two sample generations per domain. LoRA is merged into its model after training, as it would be deployed
 to serve both domains with one model. Writes benchmarks/results/compare_methods_{S,M}.{json,md,png}.
+
+Each method's row is saved in WORK_DIR/SETTING/rows.json as soon as it is measured; `--resume` keeps the rows of an
+interrupted run with the same settings and measures only the missing methods (the bare backbone is measured again).
 """
 
 import argparse
@@ -233,8 +237,6 @@ def run_setting(setting: str, args) -> dict:
     if setting == "S":
         sizes = {"steps": args.s_steps, "batch_size": args.s_batch_size, "block_size": args.s_block_size,
                  "lr_full": args.s_lr_full, "lr_lora": args.s_lr_lora, "lr_expansion": args.s_lr_expansion}
-        logger.info("Pretraining the stories backbone.")
-        backbone_dir, pretrain_seconds = pretrain("stories", args, work / "stories", args.pretrain_steps)
         load, new_tokens = load_folder, args.s_new_tokens
     else:
         texts = {name: t[: args.m_eval_texts or None] for name, t in texts.items()}
@@ -245,6 +247,28 @@ def run_setting(setting: str, args) -> dict:
         backbone_dir, pretrain_seconds = "smollm2", None
         load, new_tokens = (lambda _: load_smollm2()), args.m_new_tokens
     training_tokens = sizes["steps"] * sizes["batch_size"] * sizes["block_size"]
+    # Everything a row depends on: a resumed run must match it.
+    run = {"sizes": sizes, "seed": args.seed, "num_blocks": args.num_blocks, "new_tokens": new_tokens,
+           "eval_texts": {name: len(t) for name, t in texts.items()}, "max_length": args.max_length}
+    if setting == "S":
+        run |= {"preset": args.preset, "vocab_size": args.vocab_size, "pretrain_steps": args.pretrain_steps,
+                "pretrain_lr": args.pretrain_lr, "scratch_steps": args.scratch_steps}
+    rows_path = work / "rows.json"
+    earlier = {}
+    if args.resume and rows_path.exists():
+        saved = json.loads(rows_path.read_text())
+        if saved.get("run") != run:
+            raise ValueError(f"{rows_path} holds a run of other settings ({saved.get('run')}, now {run}): resume "
+                             "with the same flags, or start afresh in another --work-dir.")
+        earlier = {key: row for key, row in saved["rows"].items() if key != "backbone"}
+        pretrain_seconds = saved["pretrain_seconds"]
+        logger.info(f"Resuming: keeping the rows of {', '.join(earlier) or 'no method'} from {rows_path}.")
+    if setting == "S":
+        if earlier:
+            backbone_dir = str(work / "stories" / "model")  # the backbone the kept rows were measured against
+        else:
+            logger.info("Pretraining the stories backbone.")
+            backbone_dir, pretrain_seconds = pretrain("stories", args, work / "stories", args.pretrain_steps)
 
     backbone, tokenizer = load(backbone_dir)
     backbone.tokenizer = tokenizer
@@ -254,6 +278,11 @@ def run_setting(setting: str, args) -> dict:
     base_generation = generation(backbone, args, expansion=False)
     rows = {"backbone": {"label": "bare backbone", "before": before, "after": before, "trainable_parameters": 0,
                          "train_tokens_per_second": None, "generation": base_generation}}
+
+    def measured_before(key: str) -> bool:
+        if key in earlier:
+            rows[key] = earlier[key]
+        return key in earlier
 
     def record(key: str, label: str, result: dict, expanded: bool) -> None:
         model = result.pop("model")
@@ -268,21 +297,25 @@ def run_setting(setting: str, args) -> dict:
             row["backbone_generation_tokens_per_second"] = generation(backbone, args, False)["tokens_per_second"]
         rows[key] = row
         logger.info(f"{label}: {json.dumps({k: v for k, v in row.items() if k != 'generation'})}")
-        (work / "rows.json").write_text(json.dumps(rows, indent=2))  # what is measured so far, should a run stop
+        # What is measured so far, should a run stop (see --resume).
+        rows_path.write_text(json.dumps({"run": run, "pretrain_seconds": pretrain_seconds, "rows": rows}, indent=2))
 
-    logger.info("(c) expansion with an extended tokenizer.")
-    record("expansion", f"(c) expansion, {args.num_blocks} blocks, extended tokenizer",
-           expansion(backbone_dir, args, sizes, new_tokens, work / "expansion"), expanded=True)
-    if setting == "S":
+    if not measured_before("expansion"):
+        logger.info("(c) expansion with an extended tokenizer.")
+        record("expansion", f"(c) expansion, {args.num_blocks} blocks, extended tokenizer",
+               expansion(backbone_dir, args, sizes, new_tokens, work / "expansion"), expanded=True)
+    if not measured_before("expansion_no_extension"):
         logger.info("(d) expansion without tokenizer extension.")
         record("expansion_no_extension", f"(d) expansion, {args.num_blocks} blocks, no tokenizer extension",
                expansion(backbone_dir, args, sizes, 0, work / "expansion_no_extension"), expanded=True)
-    logger.info("(a) full fine-tuning.")
-    record("full_fine_tuning", "(a) full fine-tuning", full_fine_tuning(backbone_dir, load, args, sizes), False)
-    logger.info("(b) LoRA.")
-    lora_result = lora(backbone_dir, load, args, sizes, rows["expansion"]["trainable_parameters"])
-    record("lora", f"(b) LoRA, rank {lora_result['rank']}, merged", lora_result, False)
-    if setting == "S":
+    if not measured_before("full_fine_tuning"):
+        logger.info("(a) full fine-tuning.")
+        record("full_fine_tuning", "(a) full fine-tuning", full_fine_tuning(backbone_dir, load, args, sizes), False)
+    if not measured_before("lora"):
+        logger.info("(b) LoRA.")
+        lora_result = lora(backbone_dir, load, args, sizes, rows["expansion"]["trainable_parameters"])
+        record("lora", f"(b) LoRA, rank {lora_result['rank']}, merged", lora_result, False)
+    if setting == "S" and not measured_before("scratch"):
         logger.info("(e) a separate model trained from scratch on recipes.")
         steps = args.scratch_steps or args.pretrain_steps
         folder, seconds = pretrain("recipes", args, work / "recipes_scratch", steps)
@@ -313,11 +346,10 @@ def run_setting(setting: str, args) -> dict:
             f"{exp['after']['recipes']:.4f} vs {lora_row['after']['recipes']:.4f}; parameters "
             f"{exp['trainable_parameters']:,} vs {lora_row['trainable_parameters']:,}"),
     }
-    if setting == "S":
-        ablation = rows["expansion_no_extension"]
-        targets["extended tokenizer beats no extension on recipes"] = (
-            exp["after"]["recipes"] < ablation["after"]["recipes"],
-            f"{exp['after']['recipes']:.4f} vs {ablation['after']['recipes']:.4f}")
+    ablation = rows["expansion_no_extension"]
+    targets["extended tokenizer beats no extension on recipes"] = (
+        exp["after"]["recipes"] < ablation["after"]["recipes"],
+        f"{exp['after']['recipes']:.4f} vs {ablation['after']['recipes']:.4f}")
     targets["mixed-batch generation >= 0.9 x backbone x L/(L+added)"] = (
         exp["generation"]["tokens_per_second"] >= speed_floor,
         f"{exp['generation']['tokens_per_second']:.1f} vs floor {speed_floor:.1f} tokens/s "
@@ -419,6 +451,7 @@ def main() -> None:
     parser.add_argument("--m-lr-expansion", type=float, default=2e-4)
     parser.add_argument("--work-dir", default="runs/compare_methods", help="trained models go here")
     parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--resume", action="store_true", help="keep the methods WORK_DIR/SETTING/rows.json holds")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -427,7 +460,7 @@ def main() -> None:
     for setting in (["S", "M"] if args.setting == "both" else [args.setting]):
         command = "python benchmarks/compare_methods.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if v != parser.get_default(k) and k != "setting") + f" --setting {setting}"
+            if v != parser.get_default(k) and k not in ("setting", "resume")) + f" --setting {setting}"
         result = run_setting(setting, args)
         result["args"], result["command"] = vars(args), command.replace("  ", " ")
         out = Path(args.results_dir) / f"compare_methods_{setting}"
