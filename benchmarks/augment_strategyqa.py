@@ -16,7 +16,8 @@ the study, plus 1289 held-back real rows in `extra`):
    16, AdamW with lr 1e-4 for the domain and 2e-4 for LoRA, linear warmup and decay), never tuned on test.
 
 StrategyQA comes from BIG-bench: its data and anything trained on it stay local (never pushed to a hub). Every
-result lands in WORK_DIR/results.json as it is measured; a rerun skips what is there.
+result lands in WORK_DIR/results.json as it is measured; a rerun skips what is there. When all are measured, the
+metrics and the augmentation report (no StrategyQA text) are copied to benchmarks/results/augment_strategyqa.json.
 
     python benchmarks/augment_strategyqa.py [--work-dir DIR] [--seeds 0 1 2] [--methods domain lora] [--epochs 3]
 """
@@ -142,7 +143,7 @@ def generate_rows(work_dir: Path, train_rows: Dataset, eval_splits: list[Dataset
     result = augment(train_rows, generator, config, QualityConfig(), eval_dataset=eval_splits,
                      output_dir=work_dir / "augmented")
     print(result.report, flush=True)
-    return result.dataset.select_columns(["question", "answer", "explanation"])
+    return result.dataset.select_columns(["question", "answer", "explanation"]), result.report
 
 
 def main() -> None:
@@ -157,6 +158,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; on a shared CPU one thread is several times faster than two that wait "
                              "on each other")
+    parser.add_argument("--results-file", type=Path, default=Path("benchmarks/results/augment_strategyqa.json"),
+                        help="where the metrics (no StrategyQA rows) are copied when the run is done")
     parser.add_argument("--conditions", nargs="+", default=["train", "train + augmented", "train + real (same count)",
                                                             "train + all extra"])
     args = parser.parse_args()
@@ -167,7 +170,7 @@ def main() -> None:
 
     backbone, tokenizer = load_smollm2()
     splits = {name: load_split(name) for name in ("train", "validation", "test", "extra")}
-    augmented = generate_rows(args.work_dir, splits["train"], [splits["validation"], splits["test"]], backbone,
+    augmented, report = generate_rows(args.work_dir, splits["train"], [splits["validation"], splits["test"]], backbone,
                               tokenizer, args.generation_batch_size)
     real = splits["extra"].shuffle(seed=0).select(range(min(len(augmented), len(splits["extra"]))))
     training_sets = {
@@ -218,6 +221,11 @@ def main() -> None:
             runs = [results[key(condition, method, seed)]["test"] for seed in args.seeds]
             cells.append(" / ".join(f"{statistics.mean(run[m] for run in runs):.3f}" for m in ("accuracy", "macro_f1")))
         print(f"| {condition} | {len(training_sets[condition])} | " + " | ".join(cells) + " |")
+
+    args.results_file.parent.mkdir(parents=True, exist_ok=True)
+    args.results_file.write_text(json.dumps({
+        "augmentation": report.to_dict() | {"kept_labels": {label: labels.count(label) for label in ("yes", "no")}},
+        "results": results}, indent=2))
 
 
 if __name__ == "__main__":
