@@ -8,7 +8,7 @@ ablation); (e) is a separate `tiny` model trained from scratch on recipes with i
 Setting M: SmolLM2-135M as the backbone, recipes added by (a) full fine-tuning, (b) LoRA, (c) expansion, and the
 tokenizer ablation (d).
 
-    python benchmarks/compare_methods.py --setting S            # short defaults, ~20 minutes on 2 CPU cores
+    python benchmarks/compare_methods.py --setting S            # about 6 minutes on 2 idle CPU cores
     python benchmarks/compare_methods.py --setting M            # very short default (20 steps of 4 x 128 tokens)
     python benchmarks/compare_methods.py --setting M --m-steps 500 --m-batch-size 8 --m-block-size 256 \
         --m-eval-texts 0                                        # a full run (GPU or hours of CPU)
