@@ -284,6 +284,10 @@ def run_setting(setting: str, args) -> dict:
             rows[key] = earlier[key]
         return key in earlier
 
+    def save_rows() -> None:
+        """What is measured so far, should a run stop (see --resume)."""
+        rows_path.write_text(json.dumps({"run": run, "pretrain_seconds": pretrain_seconds, "rows": rows}, indent=2))
+
     def record(key: str, label: str, result: dict, expanded: bool) -> None:
         model = result.pop("model")
         logger.info(f"Measuring {label}.")
@@ -297,8 +301,7 @@ def run_setting(setting: str, args) -> dict:
             row["backbone_generation_tokens_per_second"] = generation(backbone, args, False)["tokens_per_second"]
         rows[key] = row
         logger.info(f"{label}: {json.dumps({k: v for k, v in row.items() if k != 'generation'})}")
-        # What is measured so far, should a run stop (see --resume).
-        rows_path.write_text(json.dumps({"run": run, "pretrain_seconds": pretrain_seconds, "rows": rows}, indent=2))
+        save_rows()
 
     if not measured_before("expansion"):
         logger.info("(c) expansion with an extended tokenizer.")
@@ -327,6 +330,7 @@ def run_setting(setting: str, args) -> dict:
             "after": bits_per_character(model, texts, args, None), "trainable_parameters": trainable(model),
             "train_seconds": seconds, "train_tokens_per_second": scratch_tokens / seconds,
             "training_tokens": scratch_tokens, "generation": generation(model, args, expansion=False)}
+        save_rows()
 
     added = args.num_blocks
     exp, full, lora_row = rows["expansion"], rows["full_fine_tuning"], rows["lora"]

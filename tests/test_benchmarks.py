@@ -47,10 +47,13 @@ def test_resume_keeps_measured_methods_and_refuses_other_settings(first_run):
     before = json.loads((first_run / "results" / "compare_methods_S.json").read_text())
     resumed = compare_methods(first_run, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming: keeping the rows of expansion, expansion_no_extension, full_fine_tuning, lora" in resumed.stderr
+    assert ("Resuming: keeping the rows of expansion, expansion_no_extension, full_fine_tuning, lora, scratch"
+            in resumed.stderr)
     assert "Pretraining the stories backbone" not in resumed.stderr
+    assert "Measuring (" not in resumed.stderr and "trained from scratch on recipes" not in resumed.stderr  # no method
     after = json.loads((first_run / "results" / "compare_methods_S.json").read_text())
     assert after["rows"]["lora"] == before["rows"]["lora"]
+    assert after["rows"]["scratch"] == before["rows"]["scratch"]
 
     other = compare_methods(first_run, "--resume", "--s-steps", "3")
     assert other.returncode != 0 and "resume with the same flags" in other.stderr

@@ -129,9 +129,8 @@ class QualityConfig(_JsonConfig):
     reason a row is dropped: unparseable output, a label outside the allowed set (or, for a rewrite, other than its
     source row's; for a new pair, other than the one its prompt asked for), too short or too long, overlap with the
     evaluation split, a reference-model score under the threshold, an exact or a near duplicate of a source row or of
-    a row kept earlier. (Scoring comes before
-    deduplication so that a row dropped for its score never stands in the way of a duplicate of it that scores
-    well.)
+    a row kept earlier. (Scoring comes before deduplication so that a row dropped for its score never stands in the way
+    of a duplicate of it that scores well.)
 
     Args:
         min_words (`int`): fewest words in a row's main text (the question with its context, or the text).
