@@ -1,0 +1,250 @@
+"""The file chores every part of the library shares: writing files and folders whole or not at all, and reading the
+text data sets a user points us at.
+
+- `write_file_atomically` / `write_folder_atomically`: the content is written beside the target and renamed into place,
+  so a crash or a kill leaves either the previous version or the new one, never half of one. A folder replacing another
+  is swapped under an exclusive lock; readers that take `reading_folder` see one whole version. A folder that holds
+  anything but what we write there is never replaced or deleted.
+- `read_text_file`: a json/jsonl/csv/parquet/txt file as a `datasets.Dataset`, with one clear error (naming the file,
+  the row where known, and the fix) for every way such a file can be wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+
+TEXT_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+"""File suffix -> the `datasets` builder that reads it."""
+
+_PARTIAL = ".partial"
+_OLD = ".old"
+# How long a reader waits for a writer to finish swapping a folder before it reports the folder as being written.
+_LOCK_TIMEOUT_SECONDS = 60.0
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as text rows: the message names the file, the row where known, and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_file_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to `path` through a temporary file beside it, flushed to disk and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_PARTIAL}")
+    try:
+        with open(partial, "wb") as file:
+            file.write(data.encode("utf-8") if isinstance(data, str) else data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _lock_path(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.lock")
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """Staging and swapped-out folders that an earlier, killed write of `folder` left beside it."""
+    pattern = f".{folder.name}.*"
+    return [p for p in folder.parent.glob(pattern) if p.is_dir() and p.name.endswith((_PARTIAL, _OLD))]
+
+
+def write_folder_atomically(
+    target: str | os.PathLike,
+    write: Callable[[Path], None],
+    replaceable: str | tuple[str, ...],
+    overwrite: bool = True,
+) -> Path:
+    """Run `write` on a fresh staging folder beside `target`, then rename it to `target`.
+
+    An existing `target` is replaced only if it is empty or holds one of the `replaceable` files (a pack's manifest, a
+    saved model's config): a folder of other files is never replaced or deleted. With `overwrite=False` an existing
+    non-empty `target` is an error. Writers of the same `target` are serialised by a lock file beside it, and the old
+    version is removed only once the new one is in place; staging folders left by a killed writer are removed first.
+
+    Returns:
+        `target`, as a `Path`.
+    """
+    target = Path(target)
+    replaceable = (replaceable,) if isinstance(replaceable, str) else tuple(replaceable)
+    check_replaceable(target, replaceable, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(_lock_path(target))):
+        for leftover in _leftovers(target):
+            shutil.rmtree(leftover, ignore_errors=True)
+        # Checked again under the lock: another writer may have put something there meanwhile.
+        check_replaceable(target, replaceable, overwrite)
+        staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}{_PARTIAL}")
+        staging.mkdir()
+        try:
+            write(staging)
+            if target.exists():
+                old = target.with_name(f".{target.name}.{secrets.token_hex(4)}{_OLD}")
+                target.rename(old)
+                try:
+                    staging.rename(target)
+                except BaseException:
+                    old.rename(target)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def check_replaceable(target: Path, replaceable: tuple[str, ...], overwrite: bool = True) -> None:
+    """Raise unless `write_folder_atomically` may put a folder at `target` (see there)."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder; choose another output folder.")
+    if not any(target.iterdir()):
+        return
+    if not any((target / name).is_file() for name in replaceable):
+        raise FileExistsError(
+            f"{target} is not empty and holds no {' or '.join(replaceable)}: refusing to replace a folder this library "
+            "did not write. Choose another output folder, or empty this one."
+        )
+    if not overwrite:
+        raise FileExistsError(f"{target} already holds a saved result; pass --overwrite (overwrite=True) to replace it.")
+
+
+@contextmanager
+def reading_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold off writers of `folder` (see `write_folder_atomically`) while the caller reads it, so it reads one version.
+
+    Also removes what a killed writer left beside the folder. Where no lock file can be created beside the folder (a
+    read-only location, which no writer of ours can change either), the folder is read without one.
+    """
+    folder = Path(folder)
+    lock_path = _lock_path(folder)
+    try:
+        lock = FileLock(str(lock_path), timeout=_LOCK_TIMEOUT_SECONDS)
+        lock.acquire()
+    except Timeout as error:
+        raise OSError(f"{folder} is being written by another process; retry once it has finished.") from error
+    except OSError:  # no lock file possible here
+        yield folder
+        return
+    try:
+        for leftover in _leftovers(folder):
+            shutil.rmtree(leftover, ignore_errors=True)
+        yield folder
+    finally:
+        lock.release()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading text data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _first_bad_utf8_line(path: Path) -> int | None:
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return number, f"not JSON ({error.msg})"
+            if not isinstance(row, dict):
+                return number, f"a JSON {type(row).__name__}, not an object"
+    return None
+
+
+def read_text_file(path: str | os.PathLike, column: str = "text", role: str = "data file"):
+    """Read a json/jsonl/csv/parquet/txt file as a `datasets.Dataset` whose `column` holds text.
+
+    A `.txt` file gives one row per line in column `text`. Every problem is a `DataFileError` (or `FileNotFoundError`)
+    naming `role` and the file, the row where known, and the fix: a missing or empty file, an unknown suffix, bytes that
+    are not UTF-8, a line that is not a JSON object, a missing column, a value that is not a string.
+
+    Args:
+        path: the file.
+        column: the column that must hold the text.
+        role: what the file is to the caller, for messages ("training file", "validation file", ...).
+    """
+    import datasets
+
+    path = Path(path)
+    builder = TEXT_FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataFileError(f"Cannot read {role} {path}: use a {', '.join(TEXT_FILE_BUILDERS)} file.")
+    if not path.exists():
+        raise FileNotFoundError(f"No such {role}: {path}")
+    if not path.is_file():
+        raise DataFileError(f"The {role} {path} is not a file.")
+    if path.stat().st_size == 0:
+        raise DataFileError(f"The {role} {path} is empty (0 bytes): give a file with at least one row of text.")
+    if builder in ("json", "text", "csv"):
+        bad_line = _first_bad_utf8_line(path)
+        if bad_line is not None:
+            raise DataFileError(f"The {role} {path} is not UTF-8 text (line {bad_line}): convert it to UTF-8 "
+                                "(e.g. `iconv -t utf-8`).")
+    if path.suffix.lower() == ".jsonl":
+        bad = _first_bad_json_line(path)
+        if bad is not None:
+            raise DataFileError(f"Line {bad[0]} of the {role} {path} is {bad[1]}: a .jsonl file holds one JSON object "
+                                "per line.")
+    if builder == "text" and column != "text":
+        raise DataFileError(f"The {role} {path} is plain text, whose rows are in column 'text', not {column!r}: "
+                            "drop the column setting or use a json/csv file.")
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # noqa: BLE001  (datasets wraps parser errors in its own generation errors)
+        cause = error.__cause__ or error
+        raise DataFileError(f"Cannot read the {role} {path} as {builder}: {cause}. Check the file's format.") from error
+    if len(rows) == 0:
+        raise DataFileError(f"The {role} {path} holds no rows.")
+    if column not in rows.column_names:
+        raise DataFileError(f"The {role} {path} has no column {column!r}; its columns are {rows.column_names}. "
+                            "Name the text column (--text-column) or rename it in the file.")
+    feature = rows.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        for number, value in enumerate(rows[column], start=1):
+            if value is not None and not isinstance(value, str):
+                raise DataFileError(f"Row {number} of the {role} {path} holds {value!r} ({type(value).__name__}) in "
+                                    f"column {column!r}, not text: every value of the text column must be a string.")
+    return rows
+
+
+__all__ = [
+    "TEXT_FILE_BUILDERS",
+    "DataFileError",
+    "check_replaceable",
+    "read_text_file",
+    "reading_folder",
+    "write_file_atomically",
+    "write_folder_atomically",
+]
