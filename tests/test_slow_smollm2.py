@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from domain_experts import DomainExpertsForCausalLM
-from domain_experts.data import load_texts, shared_data_dir
+from domain_experts.data import load_texts
 from domain_experts.evaluation import gate_accuracy
 from domain_experts.gate import train_gate
 from domain_experts.smollm2 import load_smollm2
 
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shared_data_dir() is None, reason="needs shared/data beside the checkout")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,8 @@ from backbones import tiny_backbone, tiny_tokenizer
 from safetensors.torch import load_file
 
 from domain_experts import DomainExpertsForCausalLM
-from domain_experts.data import corpus_path, shared_data_dir
+from domain_experts.data import corpus_path
 from domain_experts.train import TrainingConfig, latest_checkpoint, save_checkpoint, train
-
-
-pytestmark = pytest.mark.skipif(shared_data_dir() is None, reason="needs shared/data beside the checkout")
 
 
 @pytest.fixture(scope="module")
