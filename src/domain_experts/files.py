@@ -6,15 +6,19 @@ text data sets a user points us at.
   is swapped under an exclusive lock; readers that take `reading_folder` see one whole version. A folder that holds
   anything but what we write there is never replaced or deleted.
 - `read_text_file`: a json/jsonl/csv/parquet/txt file as a `datasets.Dataset`, with one clear error (naming the file,
-  the row where known, and the fix) for every way such a file can be wrong.
+  the row where known, and the fix) for every way such a file can be wrong; `read_json_file` the same for the small
+  JSON files we write ourselves (run configs, manifests).
+- `file_sha256` / `folder_manifest` / `verify_folder_manifest`: what a folder held when it was written, to tell later
+  whether any of its files changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +36,8 @@ _LOCK_TIMEOUT_SECONDS = 60.0
 
 
 class DataFileError(ValueError):
-    """A data file that cannot be read as text rows: the message names the file, the row where known, and the fix."""
+    """A file we were pointed at that cannot be read (text rows, a run's config, a checkpoint): the message names the
+    file, the row or line where known, and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,15 +77,30 @@ def write_folder_atomically(
     replaceable: str | tuple[str, ...],
     overwrite: bool = True,
 ) -> Path:
-    """Run `write` on a fresh staging folder beside `target`, then rename it to `target`.
+    """Run `write` on a fresh staging folder beside `target`, then rename it to `target` (see `writing_folder`).
+
+    Returns:
+        `target`, as a `Path`.
+    """
+    with writing_folder(target, replaceable, overwrite) as staging:
+        write(staging)
+    return Path(target)
+
+
+@contextmanager
+def writing_folder(
+    target: str | os.PathLike, replaceable: str | tuple[str, ...], overwrite: bool = True
+) -> Iterator[Path]:
+    """Yield a fresh staging folder beside `target`; when the block ends without an error, rename it to `target`.
 
     An existing `target` is replaced only if it is empty or holds one of the `replaceable` files (a pack's manifest, a
     saved model's config): a folder of other files is never replaced or deleted. With `overwrite=False` an existing
     non-empty `target` is an error. Writers of the same `target` are serialised by a lock file beside it, and the old
     version is removed only once the new one is in place; staging folders left by a killed writer are removed first.
+    If the block raises, the staging folder is removed and `target` is left as it was.
 
-    Returns:
-        `target`, as a `Path`.
+    The staging folder may be filled by other processes too (say, every process of a distributed job saving its part
+    of a checkpoint), as long as they have finished when the block ends.
     """
     target = Path(target)
     replaceable = (replaceable,) if isinstance(replaceable, str) else tuple(replaceable)
@@ -94,7 +114,7 @@ def write_folder_atomically(
         staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}{_PARTIAL}")
         staging.mkdir()
         try:
-            write(staging)
+            yield staging
             if target.exists():
                 old = target.with_name(f".{target.name}.{secrets.token_hex(4)}{_OLD}")
                 target.rename(old)
@@ -109,7 +129,24 @@ def write_folder_atomically(
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+
+def remove_folder(target: str | os.PathLike, replaceable: str | tuple[str, ...]) -> None:
+    """Delete `target`, a folder written by `write_folder_atomically` (it holds one of `replaceable`), and its lock file.
+
+    A folder that holds none of `replaceable` (not ours) is a `FileExistsError` and stays as it is.
+    """
+    target = Path(target)
+    replaceable = (replaceable,) if isinstance(replaceable, str) else tuple(replaceable)
+    if not target.exists():
+        return
+    check_replaceable(target, replaceable)
+    lock_path = _lock_path(target)
+    with FileLock(str(lock_path)):
+        shutil.rmtree(target)
+        for leftover in _leftovers(target):
+            shutil.rmtree(leftover, ignore_errors=True)
+    lock_path.unlink(missing_ok=True)
 
 
 def check_replaceable(target: Path, replaceable: tuple[str, ...], overwrite: bool = True) -> None:
@@ -122,8 +159,8 @@ def check_replaceable(target: Path, replaceable: tuple[str, ...], overwrite: boo
         return
     if not any((target / name).is_file() for name in replaceable):
         raise FileExistsError(
-            f"{target} is not empty and holds no {' or '.join(replaceable)}: refusing to replace a folder this library "
-            "did not write. Choose another output folder, or empty this one."
+            f"{target} is not empty and holds no {' or '.join(replaceable)}: refusing to write over a folder this "
+            "library did not write. Choose another output folder, or empty this one."
         )
     if not overwrite:
         raise FileExistsError(f"{target} already holds a saved result; pass --overwrite (overwrite=True) to replace it.")
@@ -155,6 +192,78 @@ def reading_folder(folder: str | os.PathLike) -> Iterator[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Reading what we wrote, and checking it is still what we wrote
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_location(location: str, role: str = "model") -> str:
+    """`location` as given, unless it can only be a local path and nothing is there: then a `FileNotFoundError`.
+
+    A Hub repo id is `NAME` or `NAMESPACE/NAME`; a location that starts with `.`, `/` or `~`, or holds more than one
+    `/`, can only be a local folder, and a missing one is reported as such (not as a malformed repo id).
+    """
+    path = Path(location).expanduser()
+    if path.exists():
+        return location
+    if location.startswith((".", "/", "~")) or location.count("/") > 1 or (os.sep != "/" and os.sep in location):
+        raise FileNotFoundError(f"No such {role} folder: {location}")
+    return location
+
+
+def read_json_file(path: str | os.PathLike, role: str, fix: str) -> dict:
+    """The JSON object in `path`; a missing, unreadable or damaged file is one clear error naming `role`, the file and
+    `fix` (what the user can do about it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No {role} at {path}: {fix}")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataFileError(f"The {role} {path} is damaged (not UTF-8 text, byte {error.start}): {fix}") from None
+    except json.JSONDecodeError as error:
+        raise DataFileError(f"The {role} {path} is damaged (not JSON: {error.msg}, line {error.lineno} column "
+                            f"{error.colno}): {fix}") from None
+    if not isinstance(value, dict):
+        raise DataFileError(f"The {role} {path} is damaged (a JSON {type(value).__name__}, not an object): {fix}")
+    return value
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_manifest(folder: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """`{relative path: {"size": bytes, "sha256": hex}}` of every file under `folder` (but `exclude`, top-level names)."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder).parts[0] not in exclude
+    }
+
+
+def verify_folder_manifest(folder: str | os.PathLike, manifest: dict[str, dict]) -> list[str]:
+    """What differs between `folder` and the `manifest` written with it: one line per missing, resized or changed file
+    (empty when every file is as it was written). Files the manifest does not list are not checked."""
+    folder = Path(folder)
+    problems = []
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, not the {expected['size']} written (truncated?)")
+        elif file_sha256(path) != expected["sha256"]:
+            problems.append(f"{name} does not match the sha256 written with it (changed or damaged on disk)")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reading text data
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -170,6 +279,8 @@ def _first_bad_utf8_line(path: Path) -> int | None:
 
 
 def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a .jsonl file that is not a JSON object, with what it is instead; (0, ...) for no row at all."""
+    rows = 0
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
@@ -180,10 +291,11 @@ def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
                 return number, f"not JSON ({error.msg})"
             if not isinstance(row, dict):
                 return number, f"a JSON {type(row).__name__}, not an object"
-    return None
+            rows += 1
+    return None if rows else (0, "blank")
 
 
-def read_text_file(path: str | os.PathLike, column: str = "text", role: str = "data file"):
+def read_text_file(path: str | os.PathLike, column: str | None = "text", role: str = "data file"):
     """Read a json/jsonl/csv/parquet/txt file as a `datasets.Dataset` whose `column` holds text.
 
     A `.txt` file gives one row per line in column `text`. Every problem is a `DataFileError` (or `FileNotFoundError`)
@@ -192,7 +304,7 @@ def read_text_file(path: str | os.PathLike, column: str = "text", role: str = "d
 
     Args:
         path: the file.
-        column: the column that must hold the text.
+        column: the column that must hold the text; `None` reads rows of any columns (the caller checks them).
         role: what the file is to the caller, for messages ("training file", "validation file", ...).
     """
     import datasets
@@ -202,9 +314,9 @@ def read_text_file(path: str | os.PathLike, column: str = "text", role: str = "d
     if builder is None:
         raise DataFileError(f"Cannot read {role} {path}: use a {', '.join(TEXT_FILE_BUILDERS)} file.")
     if not path.exists():
-        raise FileNotFoundError(f"No such {role}: {path}")
+        raise FileNotFoundError(f"Cannot read the {role} {path}: no such file.")
     if not path.is_file():
-        raise DataFileError(f"The {role} {path} is not a file.")
+        raise DataFileError(f"Cannot read the {role} {path}: it is not a file.")
     if path.stat().st_size == 0:
         raise DataFileError(f"The {role} {path} is empty (0 bytes): give a file with at least one row of text.")
     if builder in ("json", "text", "csv"):
@@ -214,19 +326,23 @@ def read_text_file(path: str | os.PathLike, column: str = "text", role: str = "d
                                 "(e.g. `iconv -t utf-8`).")
     if path.suffix.lower() == ".jsonl":
         bad = _first_bad_json_line(path)
+        if bad == (0, "blank"):
+            raise DataFileError(f"The {role} {path} holds only blank lines: give a file with at least one row of text.")
         if bad is not None:
             raise DataFileError(f"Line {bad[0]} of the {role} {path} is {bad[1]}: a .jsonl file holds one JSON object "
                                 "per line.")
-    if builder == "text" and column != "text":
+    if builder == "text" and column not in (None, "text"):
         raise DataFileError(f"The {role} {path} is plain text, whose rows are in column 'text', not {column!r}: "
                             "drop the column setting or use a json/csv file.")
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001  (datasets wraps parser errors in its own generation errors)
         cause = error.__cause__ or error
-        raise DataFileError(f"Cannot read the {role} {path} as {builder}: {cause}. Check the file's format.") from error
+        raise DataFileError(f"Cannot read the {role} {path} as {builder}: {cause}. Check the file's format.") from None
     if len(rows) == 0:
         raise DataFileError(f"The {role} {path} holds no rows.")
+    if column is None:
+        return rows
     if column not in rows.column_names:
         raise DataFileError(f"The {role} {path} has no column {column!r}; its columns are {rows.column_names}. "
                             "Name the text column (--text-column) or rename it in the file.")
@@ -242,9 +358,16 @@ def read_text_file(path: str | os.PathLike, column: str = "text", role: str = "d
 __all__ = [
     "TEXT_FILE_BUILDERS",
     "DataFileError",
+    "check_location",
     "check_replaceable",
+    "file_sha256",
+    "folder_manifest",
+    "read_json_file",
     "read_text_file",
     "reading_folder",
+    "remove_folder",
+    "verify_folder_manifest",
     "write_file_atomically",
     "write_folder_atomically",
+    "writing_folder",
 ]
