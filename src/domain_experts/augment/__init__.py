@@ -12,20 +12,42 @@ seed examples, or paraphrases documents; quality control keeps what is worth tra
 Or from the shell: `domain-experts augment train.jsonl --model ... --eval-data test.jsonl --output augmented`.
 """
 
-from .cli import add_augment_command
-from .config import AugmentConfig, QualityConfig
-from .generators import (
-    EndpointError,
-    EndpointGenerator,
-    GenerationRequest,
-    Generator,
-    SamplingSettings,
-    TransformersGenerator,
-)
-from .pipeline import AugmentReport, AugmentResult, augment
-from .prompts import DEFAULT_TEMPLATES, TEMPLATE_FIELDS
-from .quality import NearDuplicateIndex, ReferenceScorer
-from .store import GenerationStore
+import importlib
+
+
+# Names -> the submodule defining them. They are imported on first use (PEP 562), so that `domain-experts --help`,
+# which needs only the light `cli` and `config` modules, does not import torch and transformers.
+_EXPORTS = {
+    "add_augment_command": "cli",
+    "AugmentConfig": "config",
+    "QualityConfig": "config",
+    "EndpointError": "generators",
+    "EndpointGenerator": "generators",
+    "GenerationRequest": "generators",
+    "Generator": "generators",
+    "SamplingSettings": "generators",
+    "TransformersGenerator": "generators",
+    "AugmentReport": "pipeline",
+    "AugmentResult": "pipeline",
+    "augment": "pipeline",
+    "DEFAULT_TEMPLATES": "prompts",
+    "TEMPLATE_FIELDS": "prompts",
+    "NearDuplicateIndex": "quality",
+    "ReferenceScorer": "quality",
+    "GenerationStore": "store",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __all__ = [

@@ -6,9 +6,9 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
+from ..files import read_json_file, write_file_atomically
 from .prompts import DEFAULT_TEMPLATES, STRATEGIES, check_template
 
 
@@ -30,14 +30,12 @@ class _JsonConfig:
         return cls(**values)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        partial.replace(path)
+        write_file_atomically(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_json_file(cls: type[_Config], path: str | os.PathLike) -> _Config:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json_file(path, f"{cls.__name__} file", f"give a JSON object of {cls.__name__} "
+                                            "fields (e.g. the one an earlier run saved)."))
 
 
 @dataclass

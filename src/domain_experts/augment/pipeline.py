@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from datasets import Dataset, Features, List, Value
 from transformers.utils import logging
 
+from ..files import check_replaceable, write_file_atomically, write_folder_atomically
 from .config import AugmentConfig, QualityConfig
 from .generators import EndpointError, GenerationRequest, Generator, SamplingSettings
 from .prompts import (
@@ -333,6 +333,8 @@ def augment(
 
     output_dir = Path(output_dir) if output_dir is not None else None
     if output_dir is not None:
+        # An earlier run's folder is resumed; a folder of anything else is never written into.
+        check_replaceable(output_dir, (GENERATIONS_FILE, AUGMENT_CONFIG_FILE))
         output_dir.mkdir(parents=True, exist_ok=True)
         config.to_json_file(output_dir / AUGMENT_CONFIG_FILE)
         quality.to_json_file(output_dir / QUALITY_CONFIG_FILE)
@@ -472,24 +474,8 @@ def _report(jobs: list[_Job], kept: list[dict], dropped: list[dict], generator_n
 
 def _save(result: AugmentResult, output_dir: Path) -> None:
     """Write the kept rows, dropped rows and report, each replacing the previous run's at once (never half written)."""
-    target = output_dir / DATASET_FOLDER
-    partial = output_dir / (DATASET_FOLDER + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    result.dataset.save_to_disk(str(partial))
-    if target.exists():
-        old = output_dir / (DATASET_FOLDER + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        partial.rename(target)
-        shutil.rmtree(old)
-    else:
-        partial.rename(target)
-    _write_atomically(output_dir / DROPPED_FILE,
-                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.dropped))
-    _write_atomically(output_dir / REPORT_FILE, json.dumps(result.report.to_dict(), indent=2) + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
+    write_folder_atomically(output_dir / DATASET_FOLDER, lambda folder: result.dataset.save_to_disk(str(folder)),
+                            replaceable="state.json")
+    write_file_atomically(output_dir / DROPPED_FILE,
+                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.dropped))
+    write_file_atomically(output_dir / REPORT_FILE, json.dumps(result.report.to_dict(), indent=2) + "\n")
