@@ -11,10 +11,11 @@ Routes: a domain name, or None for the bare backbone. How a row reaches its doma
 import math
 from pathlib import Path
 
-import evaluate
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
+
+from .files import check_location, read_json_file, read_text_file
 
 
 logger = logging.get_logger(__name__)
@@ -23,20 +24,30 @@ METRICS_DIR = Path(__file__).parent / "metrics"
 NONE_ROUTE = "none"
 
 
-def load_metric(name: str) -> evaluate.EvaluationModule:
+def load_metric(name: str):
     """One of our `evaluate` modules (`bits_per_character`, `routing_accuracy`), loaded from the package."""
+    import evaluate  # slow to import, and only needed here
+
     return evaluate.load(str(METRICS_DIR / name))
+
+
+def route_label(domain: str | None, routing: str = "token") -> str:
+    """How rows reach what measures them, in words: "recipes domain (control token)", "bare backbone", "gate"."""
+    if routing == "gate":
+        return "routed by the gate"
+    return f"{domain} domain (control token)" if domain is not None else "bare backbone"
 
 
 @torch.no_grad()
 def language_modeling(model, texts: list[str], domain: str | None = None, routing: str = "token",
-                      batch_size: int = 8, max_length: int = 512) -> dict:
+                      batch_size: int = 8, max_length: int = 512, description: str | None = None) -> dict:
     """Perplexity and bits per character of `model` on `texts`, routed to `domain` by its token or by the gate.
 
     Every text token is predicted: a row starts with the domain's control token ("token" routing) or else with the
     tokenizer's BOS (EOS if it has none), which is never a target. Works for a DomainExpertsForCausalLM and for a plain
     causal LM given its tokenizer as a `tokenizer` attribute (then `domain` must be None). Texts longer than
-    `max_length` tokens are cut, and only the characters of the part kept count.
+    `max_length` tokens are cut, and only the characters of the part kept count. `description` labels the progress
+    bar (default: the route, e.g. "recipes texts, recipes domain (control token)").
     """
     if routing not in ("token", "gate"):
         raise ValueError(f"routing must be 'token' or 'gate', got {routing!r}.")
@@ -53,7 +64,9 @@ def language_modeling(model, texts: list[str], domain: str | None = None, routin
     context = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     max_length = min(max_length, context) if context else max_length
     nll, tokens, characters = [], [], []
-    for start in tqdm(range(0, len(texts), batch_size), desc=f"Evaluating {domain or NONE_ROUTE}", leave=False):
+    if description is None:
+        description = f"{domain or NONE_ROUTE} texts, " + (route_label(domain, routing) if is_domain_experts else "model")
+    for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", leave=False):
         chunk = texts[start : start + batch_size]
         rows = [tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"][: max_length - 1]
                 for t in chunk]
@@ -88,7 +101,9 @@ def forgetting_report(model, reference, data: dict[str | None, list[str]], **kwa
     for route, texts in data.items():
         now = language_modeling(model, texts, route, **kwargs)["bits_per_character"]
         reference_has_route = route is None or route in getattr(reference, "domains", {})
-        before = language_modeling(reference, texts, route if reference_has_route else None, **kwargs)["bits_per_character"]
+        before = language_modeling(reference, texts, route if reference_has_route else None,
+                                   description=f"{route or NONE_ROUTE} texts, reference model", **kwargs)[
+            "bits_per_character"]
         report[route or NONE_ROUTE] = {"reference": before, "model": now, "change": now - before}
     return report
 
@@ -98,7 +113,8 @@ def gate_accuracy(model, data: dict[str | None, list[str]], batch_size: int = 16
     """How often the gate routes plain texts of each route to it (`routing_accuracy` metric)."""
     predictions, references = [], []
     for route, texts in data.items():
-        for start in range(0, len(texts), batch_size):
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"{route or NONE_ROUTE} texts, gate routing",
+                          unit="batch", leave=False):
             batch = model.tokenize(texts[start : start + batch_size], truncation=True, max_length=max_length)
             routes = model.route(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
             predictions += [model.domain_names[r] if r >= 0 else NONE_ROUTE for r in routes.tolist()]
@@ -112,111 +128,84 @@ def perplexity_from_bits(bits_per_character: float, characters_per_token: float)
 
 
 def load_model(spec: str):
-    """A DomainExperts model from a saved folder, or a backbone (an id, a path, or "smollm2") wrapped with no domain."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A DomainExperts model (a saved folder or Hub repo), or a backbone (an id, a folder, or "smollm2") wrapped with
+    no domain."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .modeling_domain_experts import DomainExpertsForCausalLM
 
-    config_file = Path(spec) / "config.json"
-    if config_file.is_file() and '"domain_experts"' in config_file.read_text():
-        return DomainExpertsForCausalLM.from_pretrained(spec)
     if spec == "smollm2":
         from .smollm2 import load_smollm2
 
         backbone, tokenizer = load_smollm2()
+        return DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
+    check_location(spec)
+    config_file = Path(spec) / "config.json"
+    if config_file.is_file():
+        model_type = read_json_file(config_file, "model config", "save the model again.").get("model_type")
     else:
-        backbone, tokenizer = AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
+        model_type = AutoConfig.from_pretrained(spec).model_type
+    if model_type == "domain_experts":
+        return DomainExpertsForCausalLM.from_pretrained(spec)
+    backbone, tokenizer = AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
     return DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
 
 
 def read_data_specs(specs: list[str], text_column: str = "text", max_samples: int | None = None) -> dict:
     """`NAME=PATH[:COLUMN]` specs (NAME "none" for the bare backbone's kind of text) -> {route: texts}.
 
-    Specs with the same NAME add up; `max_samples` caps each file.
+    Specs with the same NAME add up; `max_samples` caps each file. Files are read by `files.read_text_file`: a file
+    that cannot be read is one clear error naming it.
     """
-    import datasets
-
     data = {}
     for spec in specs:
         name, _, source = spec.partition("=")
         if not name or not source:
-            raise ValueError(f"Data spec {spec!r} is not NAME=PATH[:COLUMN].")
+            raise ValueError(f"Data spec {spec!r} is not NAME=PATH[:COLUMN] (NAME: a domain, or 'none').")
         path, _, column = source.partition(":")
         column = column or text_column
-        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}.get(
-            Path(path).suffix)
-        if builder is None or not Path(path).is_file():
-            raise FileNotFoundError(f"Cannot read {path}: it must be an existing json, jsonl, csv, parquet or txt file.")
-        rows = datasets.load_dataset(builder, data_files=path)["train"]
-        if column not in rows.column_names:
-            raise ValueError(f"{path} has no column {column!r}; its columns are {rows.column_names}.")
+        rows = read_text_file(path, column, role=f"--data file for {name!r}")
         texts = [t for t in rows[column] if t and t.strip()][:max_samples]
         if not texts:
-            raise ValueError(f"{path} holds no text in column {column!r}.")
+            raise ValueError(f"The --data file for {name!r} {path} holds no text in column {column!r}.")
         data.setdefault(None if name == NONE_ROUTE else name, []).extend(texts)  # a name may come from several files
     return data
 
 
-def add_eval_commands(commands) -> None:
-    """Register `domain-experts eval` and `domain-experts train-gate`."""
-    evaluate_parser = commands.add_parser("eval", help="perplexity, bits per character, forgetting, gate accuracy")
-    evaluate_parser.add_argument("model", help="a saved DomainExperts model (or a backbone: id, path, 'smollm2')")
-    evaluate_parser.add_argument("--data", action="append", required=True, metavar="NAME=PATH[:COLUMN]",
-                                 help="texts of a domain, or of 'none' (the bare backbone); repeatable")
-    evaluate_parser.add_argument("--text-column", default="text")
-    evaluate_parser.add_argument("--routing", choices=["token", "gate", "both"], default="token")
-    evaluate_parser.add_argument("--reference", help="a model to report forgetting against (e.g. the backbone)")
-    evaluate_parser.add_argument("--max-samples", type=int, help="first N texts of each file")
-    evaluate_parser.add_argument("--max-length", type=int, default=512)
-    evaluate_parser.add_argument("--output", help="also write the report here as JSON")
-    evaluate_parser.set_defaults(run=_evaluate_from_cli)
+def evaluation_report(model, data: dict[str | None, list[str]], routing: str = "token", reference=None,
+                      max_length: int = 512) -> dict:
+    """What `domain-experts eval` reports: bits per character and perplexity of each route's texts (by control token,
+    by the gate, or both), gate accuracy when the model has a trained gate, and forgetting against `reference`.
 
-    gate_parser = commands.add_parser("train-gate", help="train the gate that routes rows without a control token")
-    gate_parser.add_argument("model", help="a saved DomainExperts model")
-    gate_parser.add_argument("--data", action="append", required=True, metavar="NAME=PATH[:COLUMN]",
-                             help="samples of a domain, or of 'none' (the backbone's own kind of text); repeatable")
-    gate_parser.add_argument("--text-column", default="text")
-    gate_parser.add_argument("--threshold", type=float, default=0.5)
-    gate_parser.add_argument("--max-samples", type=int, help="first N texts of each file")
-    gate_parser.add_argument("--output-dir", required=True, help="where the model with its gate is saved")
-    gate_parser.set_defaults(run=_train_gate_from_cli)
-
-
-def _evaluate_from_cli(args) -> None:
-    import json
-
-    data = read_data_specs(args.data, args.text_column, args.max_samples)
-    model = load_model(args.model)
+    Returns:
+        `{"token"|"gate": {route: language_modeling(...)}, "gate_accuracy": ..., "forgetting": ...}` (routes named as
+        in `data`, "none" for None).
+    """
     report = {}
-    for routing in (["token", "gate"] if args.routing == "both" else [args.routing]):
-        report[routing] = {(route or NONE_ROUTE): language_modeling(model, texts, route, routing, max_length=args.max_length)
-                           for route, texts in data.items()}
+    for mode in (["token", "gate"] if routing == "both" else [routing]):
+        report[mode] = {(route or NONE_ROUTE): language_modeling(model, texts, route, mode, max_length=max_length)
+                        for route, texts in data.items()}
     if any(settings.get("gate") for settings in model.config.domains.values()):
         report["gate_accuracy"] = gate_accuracy(model, data)
-    if args.reference:
-        report["forgetting"] = forgetting_report(model, load_model(args.reference), data, max_length=args.max_length)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    if reference is not None:
+        report["forgetting"] = forgetting_report(model, reference, data, max_length=max_length)
+    return report
 
 
-def _train_gate_from_cli(args) -> None:
-    import json
-    import os
-    import shutil
-
-    from .gate import train_gate
-
-    data = read_data_specs(args.data, args.text_column, args.max_samples)
-    model = load_model(args.model)
-    result = train_gate(model, data, threshold=args.threshold)
-    output_dir = Path(args.output_dir)
-    partial = output_dir.with_name(f".partial-{output_dir.name}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(partial, output_dir)
-    print(json.dumps(result, indent=2))
+def format_report(report: dict) -> str:
+    """`evaluation_report` as a table for people."""
+    lines = [f"{'texts':<16} {'route':<36} {'texts':>6} {'perplexity':>11} {'bits/char':>10}"]
+    for mode in ("token", "gate"):
+        for route, result in report.get(mode, {}).items():
+            label = route_label(None if route == NONE_ROUTE else route, mode)
+            lines.append(f"{route:<16} {label:<36} {result['num_texts']:>6} {result['perplexity']:>11.3f} "
+                         f"{result['bits_per_character']:>10.4f}")
+    if "gate_accuracy" in report:
+        accuracy = report["gate_accuracy"]
+        per_route = ", ".join(f"{route} {value:.1%}" for route, value in accuracy["per_route"].items())
+        lines.append(f"\ngate routing accuracy: {accuracy['accuracy']:.1%} ({per_route})")
+    if "forgetting" in report:
+        lines.append(f"\n{'texts':<16} {'bits/char: reference':>21} {'model':>10} {'change':>10}")
+        for route, change in report["forgetting"].items():
+            lines.append(f"{route:<16} {change['reference']:>21.4f} {change['model']:>10.4f} {change['change']:>+10.4f}")
+    return "\n".join(lines)

@@ -15,10 +15,12 @@ logger = logging.get_logger(__name__)
 
 
 @torch.no_grad()
-def prompt_features(model, texts: list[str], batch_size: int = 16, max_length: int = 256) -> torch.Tensor:
-    """Gate features `(len(texts), hidden_size)` of plain texts, as `model.route` computes them."""
+def prompt_features(model, texts: list[str], batch_size: int = 16, max_length: int = 256,
+                    description: str = "gate features") -> torch.Tensor:
+    """Gate features `(len(texts), hidden_size)` of plain texts, as `model.route` computes them (`description` labels
+    the progress bar)."""
     features = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="Gate features", leave=False):
+    for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", leave=False):
         batch = model.tokenize(texts[start : start + batch_size], truncation=True, max_length=max_length)
         features.append(model.gate_features(batch["input_ids"].to(model.device),
                                             batch["attention_mask"].to(model.device)).cpu())
@@ -43,7 +45,8 @@ def train_gate(
     """
     domains = [name for name in samples if name is not None]
     for name in domains:
-        model._check_domain(name)
+        if name not in model.domain_names:
+            raise KeyError(f"Unknown domain {name!r}; the model has: {', '.join(model.domain_names) or 'none'}.")
     if not domains:
         raise ValueError("The gate needs samples of at least one domain.")
     if any(not texts for texts in samples.values()):
@@ -52,7 +55,8 @@ def train_gate(
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}.")
 
-    features = torch.cat([prompt_features(model, texts, batch_size, max_length) for texts in samples.values()])
+    features = torch.cat([prompt_features(model, texts, batch_size, max_length, f"{name or 'none'} texts, gate features")
+                          for name, texts in samples.items()])
     labels = torch.cat([torch.full((len(texts),), domains.index(name) if name is not None else -1)
                         for name, texts in samples.items()])
     mean, std = features.mean(dim=0), features.std(dim=0).clamp(min=1e-6)

