@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,3 +151,221 @@ def test_resuming_another_run_is_an_error(tiny_model_dir, tmp_path):
     config.resume, config.learning_rate = True, 0.5
     with pytest.raises(ValueError, match="checkpoint of another run.*learning_rate"):
         train(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one clear line naming the file, the row where known, and the fix; nothing written
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD_DATA = {
+    "empty": (".jsonl", b"", "is empty \\(0 bytes\\): give a file"),
+    "blank lines only": (".jsonl", b"\n  \n", "holds only blank lines"),
+    "not UTF-8": (".txt", "Crème brûlée\n".encode("latin-1"), "is not UTF-8 text \\(line 1\\).*iconv"),
+    "not JSON": (".jsonl", b'{"text": "Soup"}\n{"text": Soup}\n', "Line 2 of the .* is not JSON.*one JSON object per line"),
+    "JSON list": (".jsonl", b'["Soup"]\n', "Line 1 of the .* is a JSON list, not an object"),
+    "number as text": (".jsonl", b'{"text": "Soup"}\n{"text": 5}\n', "Row 2 of the .* holds 5 \\(int\\).*must be a string"),
+    "object as text": (".jsonl", b'{"text": {"title": "Soup"}}\n', "Row 1 of the .* holds .*\\(dict\\)"),
+    "csv not parsable": (".csv", b'text\n"Soup\n', "Cannot read the .* as csv:.*Check the file's format"),
+    "broken parquet": (".parquet", b"PAR1", "Cannot read the .* as parquet"),
+    "no such column": (".jsonl", b'{"body": "Soup"}\n', "has no column 'text'; its columns are \\['body'\\].*--text-column"),
+    "one row": (".jsonl", b'{"text": "Soup"}\n', "has 1 row\\(s\\) with text: too few to hold out 5%.*--validation-file"),
+    "unknown suffix": (".xml", b"<text>Soup</text>", "use a .jsonl, .json, .csv, .parquet, .txt file"),
+}
+
+
+@pytest.mark.parametrize("case, role", [(case, role) for case in BAD_DATA for role in ("training", "validation")
+                                        if (case, role) != ("one row", "validation")])  # one validation row is fine
+def test_bad_data_files_are_one_line_naming_the_file(tiny_model_dir, tmp_path, capsys, case, role):
+    suffix, data, message = BAD_DATA[case]
+    bad = write_bytes(tmp_path / f"bad{suffix}", data)
+    good = corpus_path("recipes", "validation")
+    files = ["--train-file", str(bad)] if role == "training" else ["--train-file", str(good), "--validation-file",
+                                                                     str(bad)]
+    from domain_experts.cli import main
+
+    args = ["train", "--model", str(tiny_model_dir), "--domain", "recipes", "--add-domain", *files,
+            "--output-dir", str(tmp_path / "out"), "--max-steps", "1"]
+    assert main(args) == 2
+    printed = capsys.readouterr().err
+    error = [line for line in printed.splitlines() if "error" in line]  # progress bars of the work done before it
+    assert len(error) == 1 and error[0].startswith("domain-experts train: error: ") and "Traceback" not in printed
+    assert str(bad) in error[0] and re.search(message, error[0]), error[0]
+    if case not in ("one row", "unknown suffix"):
+        assert f"{role} file" in error[0], error[0]
+    assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def test_the_command_line_prints_no_traceback(tiny_model_dir, tmp_path):
+    bad = write_bytes(tmp_path / "bad.jsonl", b'{"text": "Soup"}\nSoup\n')
+    process = run_cli(["train", "--model", str(tiny_model_dir), "--domain", "recipes", "--add-domain", "--train-file",
+                       str(bad), "--output-dir", str(tmp_path / "out")])
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert output.strip().splitlines() == [
+        f"domain-experts train: error: Line 2 of the training file {bad} is not JSON (Expecting value): a .jsonl file "
+        "holds one JSON object per line."]
+
+
+def test_a_missing_model_folder_is_named_as_such_before_any_work(tmp_path):
+    config = TrainingConfig(output_dir=str(tmp_path / "out"), model=str(tmp_path / "nope"), domain="recipes",
+                            add_domain=True, train_file=str(corpus_path("recipes", "validation")))
+    with pytest.raises(FileNotFoundError, match="No such model folder: .*nope"):
+        train(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run folder: never trained over without --resume or --overwrite; resume only the same run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def small_config(model_dir: Path, output_dir: Path, **changes) -> TrainingConfig:
+    settings = dict(output_dir=str(output_dir), model=str(model_dir), domain="recipes", add_domain=True,
+                    train_file=str(corpus_path("recipes", "validation")), block_size=64, max_steps=4, batch_size=2,
+                    learning_rate=1e-3)
+    return TrainingConfig(**(settings | changes))
+
+
+def test_a_finished_run_is_never_trained_over_without_overwrite(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(tiny_model_dir, run))  # no checkpoints: only the model shows the run finished
+    model_file = run / "model" / "model.safetensors"
+    first = model_file.read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run \\(its trained model\\).*--resume.*--overwrite"):
+        train(small_config(tiny_model_dir, run, learning_rate=1e-2))
+    assert model_file.read_bytes() == first, "the finished run's model is untouched"
+    with pytest.raises(FileExistsError, match="has finished.*nothing to resume.*--overwrite"):
+        train(small_config(tiny_model_dir, run, resume=True))
+    train(small_config(tiny_model_dir, run, learning_rate=1e-2, overwrite=True))
+    assert model_file.read_bytes() != first, "--overwrite trains it again"
+    assert json.loads((run / "run_config.json").read_text())["settings"]["learning_rate"] == 1e-2
+
+
+def test_a_folder_of_other_files_is_never_written_into(tiny_model_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds no run_config.json: refusing"):
+            train(small_config(tiny_model_dir, tmp_path, overwrite=overwrite))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished run of 4 steps with checkpoints at steps 2 and 4, and its final domain tensors."""
+    run = tmp_path_factory.mktemp("checkpointed") / "run"
+    train(small_config(tiny_model_dir, run, checkpoint_steps=2))
+    return run
+
+
+def copy_run(run: Path, destination: Path, keep_model: bool = False) -> Path:
+    """The run as a kill after its last checkpoint would leave it (without its final model)."""
+    shutil.copytree(run, destination)
+    if not keep_model:
+        shutil.rmtree(destination / "model")
+    return destination
+
+
+def test_resume_refuses_changed_data_and_names_it(tiny_model_dir, checkpointed_run, tmp_path):
+    data = tmp_path / "recipes.jsonl"
+    data.write_text(corpus_path("recipes", "validation").read_text().replace("Title", "TITLE", 1))
+    run = tmp_path / "run"
+    train(small_config(tiny_model_dir, run, train_file=str(data), checkpoint_steps=2, max_steps=2))
+    data.write_text(corpus_path("recipes", "validation").read_text())  # the same path, other texts
+    with pytest.raises(ValueError, match=f"changed since it started \\(the training data \\({data}\\): sha256 "):
+        train(small_config(tiny_model_dir, run, train_file=str(data), checkpoint_steps=2, max_steps=2, resume=True))
+
+
+def test_a_damaged_run_config_is_a_clear_error(tiny_model_dir, checkpointed_run, tmp_path):
+    run = copy_run(checkpointed_run, tmp_path / "run")
+    (run / "run_config.json").write_text('{"format": 2, "settings": {')
+    with pytest.raises(ValueError, match=f"The run config {run / 'run_config.json'} is damaged \\(not JSON.*--overwrite"):
+        train(small_config(tiny_model_dir, run, checkpoint_steps=2, resume=True))
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "flipped byte": ("trainable.safetensors", flip_a_byte, "trainable.safetensors does not match the sha256"),
+    "truncated": ("trainable.safetensors", truncate, "trainable.safetensors has .* bytes, not the .* written"),
+    "missing optimizer state": ("optimizer.bin", Path.unlink, "optimizer.bin is missing"),
+    "garbage trainer state": ("trainer_state.json", lambda p: p.write_bytes(b"{]" + b" " * (p.stat().st_size - 2)),
+                              "trainer_state.json does not match"),
+    "garbage manifest": ("checkpoint_manifest.json", lambda p: p.write_text("[1"), "checkpoint_manifest.json is missing "
+                                                                                   "or damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_moved_aside_for_the_newest_intact_one(tiny_model_dir, checkpointed_run, tmp_path,
+                                                                       caplog, damage):
+    file_name, spoil, reason = DAMAGE[damage]
+    run = copy_run(checkpointed_run, tmp_path / "run")
+    spoil(run / "checkpoints" / "checkpoint-00000004" / file_name)
+    with caplog.at_level("WARNING"):
+        train(small_config(tiny_model_dir, run, checkpoint_steps=2, resume=True))
+    assert re.search(f"checkpoint-00000004 is damaged \\({reason}.*moved aside to damaged-checkpoint-00000004; "
+                     "resuming from checkpoint-00000002", caplog.text), caplog.text
+    assert (run / "checkpoints" / "damaged-checkpoint-00000004" / "checkpoint_manifest.json").exists() or (
+        damage == "garbage manifest"), "moved aside, not deleted"
+    resumed, straight = domain_tensors(run), domain_tensors(checkpointed_run)
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tiny_model_dir, checkpointed_run, tmp_path):
+    run = copy_run(checkpointed_run, tmp_path / "run")
+    for checkpoint in (run / "checkpoints").iterdir():
+        (checkpoint / "optimizer.bin").unlink()
+    with pytest.raises(ValueError, match="No intact checkpoint to resume from in .*checkpoint-00000004: optimizer.bin is "
+                                         "missing / checkpoint-00000002: optimizer.bin is missing.*--overwrite"):
+        train(small_config(tiny_model_dir, run, checkpoint_steps=2, resume=True))
+
+
+def test_checkpoints_hold_only_trainable_tensors_and_resume_never_changes_the_backbone(tiny_model_dir, checkpointed_run,
+                                                                                      tmp_path):
+    checkpoint = checkpointed_run / "checkpoints" / "checkpoint-00000002"
+    saved = load_file(checkpoint / "trainable.safetensors")
+    assert saved and all(k.startswith("domains.recipes.") and "recipes.gate_" not in k for k in saved), sorted(saved)
+    assert not list(checkpoint.glob("model*.safetensors")), "no frozen tensor in a checkpoint"
+    manifest = json.loads((checkpoint / "checkpoint_manifest.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in checkpoint.iterdir()} - {"checkpoint_manifest.json"}
+
+    run = copy_run(checkpointed_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-00000004")
+    train(small_config(tiny_model_dir, run, checkpoint_steps=2, resume=True))
+    start = load_file(tiny_model_dir / "model.safetensors")
+    resumed = load_file(run / "model" / "model.safetensors")
+    backbone = [k for k in start if not k.startswith("domains.")]
+    assert backbone and all(torch.equal(resumed[k], start[k]) for k in backbone)
+
+
+def test_two_gloo_processes_match_one_process_without_new_tokens(tiny_model_dir, tmp_path):
+    """Steps without the control token leave the domain's only embedding row unused: DDP must not stop there, and the
+    validation loss counts every row once on any number of processes."""
+    steps = ["--max-steps", "4", "--control-token-dropout", "0.5", "--new-tokens", "0"]  # the last --new-tokens counts
+    single = run_cli(train_args(tiny_model_dir, tmp_path / "one", *steps))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    double = run_cli(train_args(tiny_model_dir, tmp_path / "two", *steps), launcher=launcher)
+    finish(single)
+    finish(double)
+    one, two = domain_tensors(tmp_path / "one"), domain_tensors(tmp_path / "two")
+    assert "domains.recipes.token_embeddings" in one and one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0)
+    losses = [json.loads((tmp_path / name / "model" / "eval_results.json").read_text())["eval_loss"]
+              for name in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,7 +63,12 @@ def write_file_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
 
 
 def _lock_path(folder: Path) -> Path:
-    return folder.with_name(f".{folder.name}.lock")
+    """The lock file of `folder`'s writers and readers: in the system's temporary folder (keyed by the folder's real
+    path), so that nothing is left beside the user's folders and read-only locations can be locked too."""
+    key = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:32]
+    locks = Path(tempfile.gettempdir()) / "domain_experts-locks"
+    locks.mkdir(exist_ok=True)
+    return locks / f"{key}.lock"
 
 
 def _leftovers(folder: Path) -> list[Path]:
@@ -95,7 +101,7 @@ def writing_folder(
 
     An existing `target` is replaced only if it is empty or holds one of the `replaceable` files (a pack's manifest, a
     saved model's config): a folder of other files is never replaced or deleted. With `overwrite=False` an existing
-    non-empty `target` is an error. Writers of the same `target` are serialised by a lock file beside it, and the old
+    non-empty `target` is an error. Writers of the same `target` are serialised by a lock file (`_lock_path`), and the old
     version is removed only once the new one is in place; staging folders left by a killed writer are removed first.
     If the block raises, the staging folder is removed and `target` is left as it was.
 
@@ -132,7 +138,7 @@ def writing_folder(
 
 
 def remove_folder(target: str | os.PathLike, replaceable: str | tuple[str, ...]) -> None:
-    """Delete `target`, a folder written by `write_folder_atomically` (it holds one of `replaceable`), and its lock file.
+    """Delete `target`, a folder written by `write_folder_atomically` (it holds one of `replaceable`).
 
     A folder that holds none of `replaceable` (not ours) is a `FileExistsError` and stays as it is.
     """
@@ -141,12 +147,10 @@ def remove_folder(target: str | os.PathLike, replaceable: str | tuple[str, ...])
     if not target.exists():
         return
     check_replaceable(target, replaceable)
-    lock_path = _lock_path(target)
-    with FileLock(str(lock_path)):
+    with FileLock(str(_lock_path(target))):
         shutil.rmtree(target)
         for leftover in _leftovers(target):
             shutil.rmtree(leftover, ignore_errors=True)
-    lock_path.unlink(missing_ok=True)
 
 
 def check_replaceable(target: Path, replaceable: tuple[str, ...], overwrite: bool = True) -> None:
@@ -170,19 +174,15 @@ def check_replaceable(target: Path, replaceable: tuple[str, ...], overwrite: boo
 def reading_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold off writers of `folder` (see `write_folder_atomically`) while the caller reads it, so it reads one version.
 
-    Also removes what a killed writer left beside the folder. Where no lock file can be created beside the folder (a
-    read-only location, which no writer of ours can change either), the folder is read without one.
+    Also removes what a killed writer left beside the folder.
     """
     folder = Path(folder)
     lock_path = _lock_path(folder)
+    lock = FileLock(str(lock_path), timeout=_LOCK_TIMEOUT_SECONDS)
     try:
-        lock = FileLock(str(lock_path), timeout=_LOCK_TIMEOUT_SECONDS)
         lock.acquire()
     except Timeout as error:
         raise OSError(f"{folder} is being written by another process; retry once it has finished.") from error
-    except OSError:  # no lock file possible here
-        yield folder
-        return
     try:
         for leftover in _leftovers(folder):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -334,11 +334,17 @@ def read_text_file(path: str | os.PathLike, column: str | None = "text", role: s
     if builder == "text" and column not in (None, "text"):
         raise DataFileError(f"The {role} {path} is plain text, whose rows are in column 'text', not {column!r}: "
                             "drop the column setting or use a json/csv file.")
+    # datasets' own bar would say "Generating train split" of any file, a validation file included.
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001  (datasets wraps parser errors in its own generation errors)
         cause = error.__cause__ or error
         raise DataFileError(f"Cannot read the {role} {path} as {builder}: {cause}. Check the file's format.") from None
+    finally:
+        if bars_were_enabled:
+            datasets.enable_progress_bars()
     if len(rows) == 0:
         raise DataFileError(f"The {role} {path} holds no rows.")
     if column is None:

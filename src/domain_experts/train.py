@@ -201,16 +201,18 @@ def load_text_datasets(config: TrainingConfig) -> tuple[datasets.Dataset, datase
             config.validation_file) else None
     has_text = lambda row: bool(row[column] and row[column].strip())  # noqa: E731
     train = train.filter(has_text, desc="Dropping training rows without text")
+    source = config.train_file or config.dataset
     if len(train) == 0:
-        raise ValueError(f"The training data is empty: no row has text in column {column!r}.")
+        raise ValueError(f"The training data is empty ({source}): no row has text in column {column!r}.")
     if validation is not None:
         validation = validation.filter(has_text, desc="Dropping validation rows without text")
         if len(validation) == 0:
-            raise ValueError(f"The validation data is empty: no row has text in column {column!r}.")
+            raise ValueError(f"The validation data is empty ({config.validation_file or config.dataset}): no row has "
+                             f"text in column {column!r}.")
     else:
         held_out = max(1, len(train) * config.validation_split_percentage // 100)
         if held_out >= len(train):
-            raise ValueError(f"The training data has {len(train)} row(s) with text: too few to hold out "
+            raise ValueError(f"The training data ({source}) has {len(train)} row(s) with text: too few to hold out "
                              f"{config.validation_split_percentage}% for validation. Pass --validation-file, or more "
                              "rows.")
         split = train.train_test_split(test_size=held_out, seed=config.seed)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 # Settings that do not change what a run computes, so a resumed run may change them.
 RESUMABLE_SETTINGS = frozenset(
-    {"resume", "overwrite", "report_to", "checkpoint_steps", "keep_checkpoints", "eval_steps", "max_eval_samples"}
+    {"output_dir", "resume", "overwrite", "report_to", "checkpoint_steps", "keep_checkpoints", "eval_steps", "max_eval_samples"}
 )
 
 TRAIN_EXAMPLES = """\
