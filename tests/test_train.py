@@ -167,14 +167,18 @@ BAD_DATA = {
     "empty": (".jsonl", b"", "is empty \\(0 bytes\\): give a file"),
     "blank lines only": (".jsonl", b"\n  \n", "holds only blank lines"),
     "not UTF-8": (".txt", "Crème brûlée\n".encode("latin-1"), "is not UTF-8 text \\(line 1\\).*iconv"),
-    "not JSON": (".jsonl", b'{"text": "Soup"}\n{"text": Soup}\n', "Line 2 of the .* is not JSON.*one JSON object per line"),
+    "not JSON": (".jsonl", b'{"text": "Soup"}\n{"text": Soup}\n',
+                 "Line 2 of the .* is not JSON.*one JSON object per line"),
     "JSON list": (".jsonl", b'["Soup"]\n', "Line 1 of the .* is a JSON list, not an object"),
-    "number as text": (".jsonl", b'{"text": "Soup"}\n{"text": 5}\n', "Row 2 of the .* holds 5 \\(int\\).*must be a string"),
+    "number as text": (".jsonl", b'{"text": "Soup"}\n{"text": 5}\n',
+                       "Row 2 of the .* holds 5 \\(int\\).*must be a string"),
     "object as text": (".jsonl", b'{"text": {"title": "Soup"}}\n', "Row 1 of the .* holds .*\\(dict\\)"),
     "csv not parsable": (".csv", b'text\n"Soup\n', "Cannot read the .* as csv:.*Check the file's format"),
     "broken parquet": (".parquet", b"PAR1", "Cannot read the .* as parquet"),
-    "no such column": (".jsonl", b'{"body": "Soup"}\n', "has no column 'text'; its columns are \\['body'\\].*--text-column"),
-    "one row": (".jsonl", b'{"text": "Soup"}\n', "has 1 row\\(s\\) with text: too few to hold out 5%.*--validation-file"),
+    "no such column": (".jsonl", b'{"body": "Soup"}\n',
+                       "has no column 'text'; its columns are \\['body'\\].*--text-column"),
+    "one row": (".jsonl", b'{"text": "Soup"}\n',
+                "has 1 row\\(s\\) with text: too few to hold out 5%.*--validation-file"),
     "unknown suffix": (".xml", b"<text>Soup</text>", "use a .jsonl, .json, .csv, .parquet, .txt file"),
 }
 
@@ -283,7 +287,8 @@ def test_resume_refuses_changed_data_and_names_it(tiny_model_dir, checkpointed_r
 def test_a_damaged_run_config_is_a_clear_error(tiny_model_dir, checkpointed_run, tmp_path):
     run = copy_run(checkpointed_run, tmp_path / "run")
     (run / "run_config.json").write_text('{"format": 2, "settings": {')
-    with pytest.raises(ValueError, match=f"The run config {run / 'run_config.json'} is damaged \\(not JSON.*--overwrite"):
+    config_file = run / "run_config.json"
+    with pytest.raises(ValueError, match=f"The run config {config_file} is damaged \\(not JSON.*--overwrite"):
         train(small_config(tiny_model_dir, run, checkpoint_steps=2, resume=True))
 
 
@@ -303,8 +308,8 @@ DAMAGE = {
     "missing optimizer state": ("optimizer.bin", Path.unlink, "optimizer.bin is missing"),
     "garbage trainer state": ("trainer_state.json", lambda p: p.write_bytes(b"{]" + b" " * (p.stat().st_size - 2)),
                               "trainer_state.json does not match"),
-    "garbage manifest": ("checkpoint_manifest.json", lambda p: p.write_text("[1"), "checkpoint_manifest.json is missing "
-                                                                                   "or damaged"),
+    "garbage manifest": ("checkpoint_manifest.json", lambda p: p.write_text("[1"),
+                         "checkpoint_manifest.json is missing or damaged"),
 }
 
 
@@ -329,8 +334,8 @@ def test_no_intact_checkpoint_is_a_clear_error(tiny_model_dir, checkpointed_run,
     run = copy_run(checkpointed_run, tmp_path / "run")
     for checkpoint in (run / "checkpoints").iterdir():
         (checkpoint / "optimizer.bin").unlink()
-    with pytest.raises(ValueError, match="No intact checkpoint to resume from in .*checkpoint-00000004: optimizer.bin is "
-                                         "missing / checkpoint-00000002: optimizer.bin is missing.*--overwrite"):
+    with pytest.raises(ValueError, match="No intact checkpoint to resume from in .*checkpoint-00000004: optimizer.bin "
+                                         "is missing / checkpoint-00000002: optimizer.bin is missing.*--overwrite"):
         train(small_config(tiny_model_dir, run, checkpoint_steps=2, resume=True))
 
 

@@ -65,7 +65,8 @@ def language_modeling(model, texts: list[str], domain: str | None = None, routin
     max_length = min(max_length, context) if context else max_length
     nll, tokens, characters = [], [], []
     if description is None:
-        description = f"{domain or NONE_ROUTE} texts, " + (route_label(domain, routing) if is_domain_experts else "model")
+        route = route_label(domain, routing) if is_domain_experts else "model"
+        description = f"{domain or NONE_ROUTE} texts, {route}"
     for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", leave=False):
         chunk = texts[start : start + batch_size]
         rows = [tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"][: max_length - 1]
@@ -207,5 +208,6 @@ def format_report(report: dict) -> str:
     if "forgetting" in report:
         lines.append(f"\n{'texts':<16} {'bits/char: reference':>21} {'model':>10} {'change':>10}")
         for route, change in report["forgetting"].items():
-            lines.append(f"{route:<16} {change['reference']:>21.4f} {change['model']:>10.4f} {change['change']:>+10.4f}")
+            lines.append(f"{route:<16} {change['reference']:>21.4f} {change['model']:>10.4f} "
+                         f"{change['change']:>+10.4f}")
     return "\n".join(lines)

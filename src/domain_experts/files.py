@@ -101,8 +101,8 @@ def writing_folder(
 
     An existing `target` is replaced only if it is empty or holds one of the `replaceable` files (a pack's manifest, a
     saved model's config): a folder of other files is never replaced or deleted. With `overwrite=False` an existing
-    non-empty `target` is an error. Writers of the same `target` are serialised by a lock file (`_lock_path`), and the old
-    version is removed only once the new one is in place; staging folders left by a killed writer are removed first.
+    non-empty `target` is an error. Writers of the same `target` are serialised by a lock file (`_lock_path`), and the
+    old version is removed only once the new one is in place; staging folders left by a killed writer are removed first.
     If the block raises, the staging folder is removed and `target` is left as it was.
 
     The staging folder may be filled by other processes too (say, every process of a distributed job saving its part
@@ -167,7 +167,8 @@ def check_replaceable(target: Path, replaceable: tuple[str, ...], overwrite: boo
             "library did not write. Choose another output folder, or empty this one."
         )
     if not overwrite:
-        raise FileExistsError(f"{target} already holds a saved result; pass --overwrite (overwrite=True) to replace it.")
+        raise FileExistsError(f"{target} already holds a saved result; pass --overwrite (overwrite=True) to replace "
+                              "it.")
 
 
 @contextmanager
@@ -238,7 +239,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def folder_manifest(folder: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
-    """`{relative path: {"size": bytes, "sha256": hex}}` of every file under `folder` (but `exclude`, top-level names)."""
+    """`{relative path: {"size": bytes, "sha256": hex}}` of every file under `folder`, but the top-level names in
+    `exclude`."""
     folder = Path(folder)
     return {
         path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
@@ -279,7 +281,8 @@ def _first_bad_utf8_line(path: Path) -> int | None:
 
 
 def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
-    """The first line of a .jsonl file that is not a JSON object, with what it is instead; (0, ...) for no row at all."""
+    """The first line of a .jsonl file that is not a JSON object, with what it is instead; `(0, "blank")` for a file of
+    no row at all."""
     rows = 0
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):

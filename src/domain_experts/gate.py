@@ -55,8 +55,10 @@ def train_gate(
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}.")
 
-    features = torch.cat([prompt_features(model, texts, batch_size, max_length, f"{name or 'none'} texts, gate features")
-                          for name, texts in samples.items()])
+    features = torch.cat([
+        prompt_features(model, texts, batch_size, max_length, f"{name or 'none'} texts, gate features")
+        for name, texts in samples.items()
+    ])
     labels = torch.cat([torch.full((len(texts),), domains.index(name) if name is not None else -1)
                         for name, texts in samples.items()])
     mean, std = features.mean(dim=0), features.std(dim=0).clamp(min=1e-6)

@@ -440,7 +440,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     folder = Path(output_dir) / CHECKPOINTS_FOLDER
     final = folder / f"checkpoint-{step:08d}"
     with ExitStack() as stack:
-        staging = stack.enter_context(writing_folder(final, _CHECKPOINT_MARKERS)) if accelerator.is_main_process else None
+        staging = None
+        if accelerator.is_main_process:
+            staging = stack.enter_context(writing_folder(final, _CHECKPOINT_MARKERS))
         (staging,) = broadcast_object_list([staging])
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
@@ -599,7 +601,8 @@ def train(config: TrainingConfig):
     )
     _check_distributed_setup(accelerator)
     if config.batch_size % accelerator.num_processes:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {accelerator.num_processes} processes.")
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {accelerator.num_processes} "
+                         "processes.")
     set_seed(config.seed)
 
     length = config.block_size - 1 if is_domain else config.block_size  # room for the control token

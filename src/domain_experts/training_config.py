@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 
 # Settings that do not change what a run computes, so a resumed run may change them.
-RESUMABLE_SETTINGS = frozenset(
-    {"output_dir", "resume", "overwrite", "report_to", "checkpoint_steps", "keep_checkpoints", "eval_steps", "max_eval_samples"}
-)
+RESUMABLE_SETTINGS = frozenset({"output_dir", "resume", "overwrite", "report_to", "checkpoint_steps",
+                                "keep_checkpoints", "eval_steps", "max_eval_samples"})
 
 TRAIN_EXAMPLES = """\
 examples:
