@@ -4,12 +4,23 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+    Qwen3NextConfig,
 )
 
 
@@ -45,8 +56,31 @@ def _common(tokenizer):
             "pad_token_id": tokenizer.pad_token_id}
 
 
+# Common sizes of the Llama-like families: 4 layers, hidden 32, 4 query heads of 8 dimensions over 2 KV heads.
+_LLAMA_LIKE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
 def tiny_config(family: str, vocab_size: int = VOCAB_SIZE, tokenizer=None):
     ids = _common(tokenizer or tiny_tokenizer())
+    common = {**_LLAMA_LIKE, "vocab_size": vocab_size, **ids}
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=8, tie_word_embeddings=False)
+    if family == "gemma2":  # alternating sliding/full layers, final logit softcapping
+        return Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
+                            final_logit_softcapping=3.0, attn_logit_softcapping=50.0)
+    if family == "gemma3_text":  # local/global rotary per layer type, scaled embeddings, softcapping
+        return Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
+                                layer_types=["sliding_attention", "full_attention"] * 2, final_logit_softcapping=3.0)
+    if family == "phi3":
+        return Phi3Config(**common, tie_word_embeddings=False)
+    if family == "olmo2":
+        return Olmo2Config(**common, tie_word_embeddings=False)
+    if family == "granite":  # embedding multiplier, residual multiplier, logits divided by logits_scaling
+        return GraniteConfig(**common, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                             logits_scaling=4.0, tie_word_embeddings=False)
+    if family == "cohere":  # parallel attention and MLP, logits multiplied by logit_scale
+        return CohereConfig(**common, logit_scale=0.5)
     if family == "llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -67,7 +101,31 @@ def tiny_config(family: str, vocab_size: int = VOCAB_SIZE, tokenizer=None):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
+            "granite", "cohere"]
+"""The families of DomainExperts' architecture table, each tested by the core guarantees."""
+
+CORE_FAMILIES = ["llama", "qwen2", "gpt2"]
+"""Tied and untied embeddings, layer types, and a non-rotary family: where the slower tests run."""
+
+UNSUPPORTED = {
+    "qwen2_moe": lambda common: Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                               shared_expert_intermediate_size=32),
+    "qwen3_moe": lambda common: Qwen3MoeConfig(**common, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=16),
+    "mixtral": lambda common: MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_next": lambda common: Qwen3NextConfig(**common, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=16, linear_num_key_heads=2,
+                                                 linear_num_value_heads=2, linear_key_head_dim=8,
+                                                 linear_value_head_dim=8),
+}
+"""Families DomainExperts refuses (routed experts, hybrid linear attention), as tiny configs."""
+
+
+def unsupported_backbone(family: str):
+    torch.manual_seed(0)
+    common = {**_LLAMA_LIKE, "vocab_size": VOCAB_SIZE, **_common(tiny_tokenizer())}
+    return AutoModelForCausalLM.from_config(UNSUPPORTED[family](common)).eval()
 
 
 def tiny_backbone(family: str, seed: int = 0, vocab_size: int = VOCAB_SIZE, tokenizer=None):

@@ -47,7 +47,8 @@ def setup(family, tokenizer):
 
 def make_batch(model, rows: list[tuple[str, str | None]]) -> dict:
     """Left-padded batch of (text, domain) rows with the position ids `generate` would use."""
-    encoded = model.tokenize([text for text, _ in rows], domain=[domain for _, domain in rows])
+    encoded = model.tokenizer([text for text, _ in rows], domain=[domain for _, domain in rows], padding=True,
+                              return_tensors="pt")
     mask = encoded["attention_mask"]
     position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     return {"input_ids": encoded["input_ids"], "attention_mask": mask, "position_ids": position_ids}

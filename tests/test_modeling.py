@@ -1,12 +1,14 @@
-"""The guarantees of the core model, each checked on tiny Llama, Qwen2, Mistral, GPT-2 and GPT-NeoX backbones."""
+"""The guarantees of the core model, each checked on a tiny random backbone of every family of the architecture table."""
+
+import threading
 
 import pytest
 import torch
+from backbones import FAMILIES, UNSUPPORTED, tiny_backbone, tiny_tokenizer, unsupported_backbone
 from conftest import TEXTS, as_base_batch, labels_for, make_batch, train_domain
-from torch import nn
 
 from domain_experts import DomainExpertsForCausalLM
-from backbones import tiny_backbone, tiny_tokenizer
+from domain_experts.modeling_domain_experts import ARCHITECTURES, Architecture, DomainExpertsCache, LogitsProcessing
 
 
 MIXED = [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None), (TEXTS["stories"], "stories"), (TEXTS["stories"], None)]
@@ -17,9 +19,17 @@ def backbone_logits(model, reference, batch):
         return reference(**as_base_batch(model, batch)).logits
 
 
-def model_logits(model, batch):
+def model_logits(model, batch, **kwargs):
     with torch.no_grad():
-        return model(**batch).logits
+        return model(**batch, **kwargs).logits
+
+
+def two_trained_domains(model) -> None:
+    """`recipes` (2 blocks, 8 tokens of its own) and `stories` (2 blocks at the same depth), both trained a little."""
+    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
+    model.add_domain("stories", expansion_layers=[1, 1])
+    train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
+    train_domain(model, "stories", make_batch(model, [(TEXTS["stories"], "stories")]))
 
 
 # a. base rows are the bare backbone, bit for bit, through the whole life of the domains -------------------------
@@ -28,7 +38,7 @@ def model_logits(model, batch):
 def test_base_rows_bit_identical_to_backbone(setup):
     model, reference = setup
     V = model.config.backbone_vocab_size
-    model.add_domain("recipes", num_blocks=2)
+    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
     model.add_domain("stories", expansion_layers=[0, 2])
     batch = make_batch(model, MIXED)
     base_rows = [1, 3]
@@ -58,57 +68,60 @@ def test_base_rows_bit_identical_to_backbone(setup):
 
 def test_other_domain_lifecycle_leaves_domain_rows_bit_identical(setup):
     model, _ = setup
-    model.add_domain("recipes", num_blocks=2)
+    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
     train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
-    recipes_id = model.control_token_id("recipes")
-    before_b = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["stories"], None), (TEXTS["base"], None)])
+    recipes_ids = model.config.domains["recipes"]["token_ids"]
+    # Row 1 is the short one, so the batches with and without domain B have the same shape and padding.
+    before_b = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None), (TEXTS["stories"], None)])
 
     def recipes_outputs(batch):
         logits = model_logits(model, batch)
-        return logits[[0, 2], :, : model.config.backbone_vocab_size], logits[[0, 2], :, recipes_id]
+        return logits[[0, 2], :, : model.config.backbone_vocab_size], logits[[0, 2]][:, :, recipes_ids]
 
     expected = recipes_outputs(before_b)
-
-    model.add_domain("stories", num_blocks=3)
-    with_b = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["stories"], "stories"), (TEXTS["base"], None)])
-    for got, want in zip(recipes_outputs(before_b), expected):
-        assert torch.equal(got, want)
-    for got, want in zip(recipes_outputs(with_b), expected):
-        assert torch.equal(got, want)
-
+    model.add_domain("stories", num_blocks=3, corpus=[TEXTS["base"]] * 4, num_new_tokens=5)
+    with_b = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], "stories"), (TEXTS["stories"], None)])
+    assert with_b["input_ids"].shape == before_b["input_ids"].shape
+    for batch in (before_b, with_b):
+        for got, want in zip(recipes_outputs(batch), expected):
+            assert torch.equal(got, want)
     train_domain(model, "stories", with_b)
     for got, want in zip(recipes_outputs(with_b), expected):
         assert torch.equal(got, want)
-
     model.remove_domain("stories")
     for got, want in zip(recipes_outputs(before_b), expected):
         assert torch.equal(got, want)
 
 
-# c. a fresh domain's blocks are exact identities ----------------------------------------------------------------
+# c. a fresh domain is an exact identity ---------------------------------------------------------------------------
 
 
-def test_fresh_expansion_blocks_are_exact_identities(setup):
+def test_fresh_domain_is_an_exact_identity(setup):
     model, reference = setup
     model.add_domain("recipes", expansion_layers=[0, 1, 1, 3])
     seen = []
 
     def record(block, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        seen.append(torch.equal(out, args[0]))
+        seen.append(torch.equal(output[0] if isinstance(output, tuple) else output, args[0]))
 
     for blocks in model.domains["recipes"].blocks.values():
         for block in blocks:
             block.register_forward_hook(record)
-    batch = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None)])
-    logits = model_logits(model, batch)
+    batch = make_batch(model, [(TEXTS["stories"], None), (TEXTS["base"], None)])
+    routed = model_logits(model, batch, domain_ids=torch.tensor([0, 0]))  # the same ids, routed to the fresh domain
     assert seen == [True] * 4
-    # With identity blocks a domain row computes what the backbone computes on the same embeddings.
-    embeds = model._embed(batch["input_ids"])
-    with torch.no_grad():
-        expected = reference(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                             position_ids=batch["position_ids"]).logits
-    assert torch.equal(logits[:, :, : model.config.backbone_vocab_size], expected)
+    V = model.config.backbone_vocab_size
+    assert torch.equal(routed[..., :V], backbone_logits(model, reference, batch))
+
+
+def test_a_block_that_is_not_an_identity_is_refused(monkeypatch):
+    # As if the table named only the attention's output projection: the MLP still writes into the residual stream.
+    monkeypatch.setitem(ARCHITECTURES, "llama", Architecture("model", identity_projections=("self_attn.o_proj",)))
+    model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama"), tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match="after layer 1 is not an exact identity on this llama backbone"):
+        model.add_domain("recipes", num_blocks=2)
+    assert model.domain_names == [] and model.config.domains == {}
+    assert model.config.vocab_size == model.config.backbone_vocab_size
 
 
 # d. a mixed batch computes what each row computes alone ----------------------------------------------------------
@@ -116,10 +129,7 @@ def test_fresh_expansion_blocks_are_exact_identities(setup):
 
 def test_mixed_batch_matches_rows_alone(setup):
     model, _ = setup
-    model.add_domain("recipes", num_blocks=2)
-    model.add_domain("stories", num_blocks=2)
-    train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
-    train_domain(model, "stories", make_batch(model, [(TEXTS["stories"], "stories")]))
+    two_trained_domains(model)
     batch = make_batch(model, MIXED)
     assert (batch["attention_mask"] == 0).any(), "the batch must exercise left padding"
     mixed = model_logits(model, batch)
@@ -129,58 +139,85 @@ def test_mixed_batch_matches_rows_alone(setup):
         torch.testing.assert_close(mixed[row, -length:], alone[0], atol=1e-5, rtol=0)
 
 
-# e. greedy generation with the KV cache equals generation without it ---------------------------------------------
+# e. generation: the KV cache changes nothing, a mixed batch generates what its rows generate alone ---------------
 
 
 @pytest.mark.parametrize("rows", [[(TEXTS["base"], None)], [(TEXTS["recipes"], "recipes")], MIXED],
                          ids=["base", "domain", "mixed"])
 def test_greedy_generation_same_with_and_without_cache(setup, rows):
     model, _ = setup
-    model.add_domain("recipes", num_blocks=2)
-    model.add_domain("stories", expansion_layers=[1, 1])
-    train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
-    train_domain(model, "stories", make_batch(model, [(TEXTS["stories"], "stories")]))
+    two_trained_domains(model)
     batch = make_batch(model, rows)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with_cache = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
     without_cache = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(with_cache, without_cache)
     generated = with_cache[:, batch["input_ids"].shape[1]:]
-    assert (generated < model.config.backbone_vocab_size).all(), "control tokens are never generated"
+    control_ids = [settings["token_ids"][0] for settings in model.config.domains.values()]
+    assert not torch.isin(generated, torch.tensor(control_ids)).any(), "control tokens are never generated"
 
 
 def test_generation_of_mixed_batch_matches_rows_alone_and_beam_search_runs(setup):
     model, _ = setup
-    model.add_domain("recipes", num_blocks=2)
-    train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
-    rows = [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None)]
+    two_trained_domains(model)
+    rows = [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None), (TEXTS["stories"], "stories")]
     batch = make_batch(model, rows)
-    mixed = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           max_new_tokens=6, do_sample=False)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    mixed = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     for row, item in enumerate(rows):
         alone = make_batch(model, [item])
         out = model.generate(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"],
                              max_new_tokens=6, do_sample=False)
         assert torch.equal(out[0, -6:], mixed[row, -6:])
-    beams = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           max_new_tokens=4, num_beams=3, do_sample=False)
-    assert beams.shape == (2, batch["input_ids"].shape[1] + 4)
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+    assert beams.shape == (3, batch["input_ids"].shape[1] + 4)
+    # Each row's beams stay in its domain: row 1 runs on the bare backbone and never sees a domain token.
+    assert (beams[1] < model.config.backbone_vocab_size).all()
 
 
 def test_manual_decoding_loop_with_cache(setup):
     model, _ = setup
-    model.add_domain("recipes", num_blocks=2)
-    train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
+    two_trained_domains(model)
     batch = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None)])
     with torch.no_grad():
         out = model(**batch, use_cache=True)
+        assert isinstance(out.past_key_values, DomainExpertsCache)
         next_token = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(next_token)], dim=1)
-        step = model(input_ids=next_token, attention_mask=mask, position_ids=batch["position_ids"][:, -1:] + 1,
-                     past_key_values=out.past_key_values, use_cache=True)
+        step_inputs = {"input_ids": next_token, "attention_mask": mask, "position_ids": batch["position_ids"][:, -1:] + 1,
+                       "past_key_values": out.past_key_values, "use_cache": True}
+        with pytest.raises(ValueError, match="Continuing from a cache: pass the domain_ids"):
+            model(**step_inputs)
+        step = model(**step_inputs, domain_ids=out.domain_ids)
         full = model(input_ids=torch.cat([batch["input_ids"], next_token], 1), attention_mask=mask,
                      position_ids=torch.cat([batch["position_ids"], batch["position_ids"][:, -1:] + 1], 1))
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="other routes than domain_ids gives"):
+        model(**{**step_inputs, "input_ids": torch.tensor([[5], [5]]), "past_key_values": step.past_key_values},
+              domain_ids=torch.tensor([-1, -1]))
+
+
+def test_expansion_cache_holds_only_its_domains_rows(setup):
+    model, _ = setup
+    two_trained_domains(model)
+    rows = [(TEXTS["base"], None), (TEXTS["recipes"], "recipes"), (TEXTS["stories"], None), (TEXTS["recipes"], "recipes")]
+    with torch.no_grad():
+        cache = model(**make_batch(model, rows), use_cache=True).past_key_values
+    num_layers = model.config.num_backbone_layers
+    assert len(cache.layers) == num_layers + 4
+    assert all(layer.keys.shape[0] == 4 for layer in cache.layers[:num_layers])
+    recipes_layers, stories_layers = cache.layers[num_layers : num_layers + 2], cache.layers[num_layers + 2 :]
+    assert all(layer.keys.shape[0] == 2 and layer.rows.tolist() == [1, 3] for layer in recipes_layers)
+    assert all(not layer.is_initialized and layer.rows.numel() == 0 for layer in stories_layers)
+
+
+def test_cache_of_another_class_is_refused(setup):
+    from transformers import DynamicCache
+
+    model, _ = setup
+    model.add_domain("recipes", num_blocks=1)
+    with pytest.raises(TypeError, match="needs the cache it creates itself"):
+        model(**make_batch(model, [(TEXTS["recipes"], "recipes")]), past_key_values=DynamicCache(), use_cache=True)
 
 
 # f. training one domain changes only that domain -----------------------------------------------------------------
@@ -188,7 +225,7 @@ def test_manual_decoding_loop_with_cache(setup):
 
 def test_training_step_changes_only_that_domain(setup):
     model, _ = setup
-    model.add_domain("recipes", num_blocks=2)
+    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
     model.add_domain("stories", num_blocks=2)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     assert not any(p.requires_grad for p in model.backbone.parameters())
@@ -204,46 +241,138 @@ def test_training_step_changes_only_that_domain(setup):
     assert all(p.grad is None for p in model.backbone.parameters())
 
 
-# g. unsupported architectures and bad input get clear errors -----------------------------------------------------
+# g. the backbone's logit processing applies to the domain columns ------------------------------------------------
 
 
-def test_architecture_without_layer_list_is_a_clear_error():
+def test_domain_logits_follow_the_backbones_head(setup):
+    """A domain token whose output row is a copy of backbone token k's has the logit of k: softcapped, scaled or
+    divided as the family does (Gemma 2 and 3, Cohere, Granite), or as is."""
+    model, _ = setup
+    model.add_domain("recipes", num_blocks=1, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
+    domain, k = model.domains["recipes"], 5
+    head = model.backbone.get_output_embeddings().weight
+    with torch.no_grad():
+        (domain.output_embeddings if domain.output_embeddings is not None else domain.token_embeddings[1:])[0] = head[k]
+    own_id = model.config.domains["recipes"]["token_ids"][1]
+    batch = make_batch(model, [(TEXTS["base"], "recipes"), (TEXTS["base"], None)])
+    logits = model_logits(model, batch)
+    assert torch.equal(logits[0, :, own_id], logits[0, :, k])
+    processing = ARCHITECTURES[model.config.backbone_config.model_type].logits_processing
+    if processing is not None and processing.kind == "softcap":
+        cap = getattr(model.config.backbone_config, processing.config_attribute)
+        assert logits[0, :, model.config.backbone_vocab_size :].max() <= cap
+    # With gradients (training), the same logits come from the differentiable path.
+    domain.requires_grad_(True)
+    assert torch.equal(model(**batch).logits.detach(), logits)
+
+
+# h. families the table does not declare, or declares otherwise, get clear errors ---------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_unsupported_families_are_refused_naming_what_is_missing(family):
+    reasons = {"qwen2_moe": "mixture-of-experts", "qwen3_moe": "mixture-of-experts", "mixtral": "mixture-of-experts",
+               "qwen3_next": "linear_attention layers"}
+    with pytest.raises(ValueError, match=f"model_type '{family}'.*{reasons[family]}.*Supported model types: cohere"):
+        DomainExpertsForCausalLM.from_backbone(unsupported_backbone(family))
+
+
+def test_a_backbone_built_otherwise_than_its_table_entry_is_refused(monkeypatch):
     backbone = tiny_backbone("llama")
-    backbone.model.layers = nn.Sequential(*backbone.model.layers)
-    with pytest.raises(ValueError, match="Cannot find the decoder layers"):
+    backbone.model.layers = torch.nn.Sequential(*backbone.model.layers)
+    with pytest.raises(ValueError, match="not one nn.ModuleList"):
         DomainExpertsForCausalLM.from_backbone(backbone)
-
-
-def test_block_without_known_output_projections_is_a_clear_error():
     backbone = tiny_backbone("llama")
     for layer in backbone.model.layers:
         layer.self_attn.out = layer.self_attn.o_proj
         del layer.self_attn.o_proj
-    model = DomainExpertsForCausalLM.from_backbone(backbone)
-    with pytest.raises(ValueError, match="Cannot make an identity expansion block.*output projections"):
-        model.add_domain("recipes")
-    assert model.domain_names == [] and model.config.domains == {}
+    with pytest.raises(ValueError, match="not built as DomainExperts' architecture table declares for llama"):
+        DomainExpertsForCausalLM.from_backbone(backbone)
+    # A table entry that does not compute what the backbone computes is caught by the probe, not served approximately.
+    monkeypatch.setitem(ARCHITECTURES, "llama", Architecture("model", logits_processing=LogitsProcessing("multiply",
+                                                                                                          "rms_norm_eps")))
+    with pytest.raises(ValueError, match="does not reproduce this llama backbone exactly"):
+        DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama"))
+
+
+def test_flex_attention_is_refused():
+    backbone = tiny_backbone("llama")
+    backbone.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="'flex_attention' is not supported"):
+        DomainExpertsForCausalLM.from_backbone(backbone)
 
 
 def test_unknown_domain_and_bad_arguments(setup):
     model, _ = setup
     model.add_domain("recipes", num_blocks=1)
     for call in (lambda: model.remove_domain("legal"), lambda: model.domain_parameters("legal"),
-                 lambda: model.tokenize("x", domain="legal"), lambda: model.control_token_id("legal")):
+                 lambda: model.tokenizer("x", domain="legal"), lambda: model.control_token_id("legal")):
         with pytest.raises(KeyError, match="Unknown domain 'legal'.*'recipes'"):
             call()
     with pytest.raises(ValueError, match="already exists"):
         model.add_domain("recipes")
-    with pytest.raises(ValueError, match="Invalid domain name"):
-        model.add_domain("has space")
+    for name in ("has space", "legal.v2", "v1.0", ".", "", "-x", "x" * 65, "é", None):
+        with pytest.raises(ValueError, match="Invalid domain name.*1 to 64 characters"):
+            model.add_domain(name)
     with pytest.raises(ValueError, match="expansion_layers"):
         model.add_domain("legal", expansion_layers=[99])
     with pytest.raises(ValueError, match="num_blocks"):
         model.add_domain("legal", num_blocks=0)
     assert model.domain_names == ["recipes"]
+    model.add_domain("legal_v2-" + "x" * 55, num_blocks=1)  # the longest valid name works, and nothing broke
+    assert model.domain_names == ["recipes", "legal_v2-" + "x" * 55]
 
 
-# 6. control tokens: plain text never routes; the caller asks for a domain explicitly ----------------------------
+# i. the forward pass changes no state: two threads share one model ----------------------------------------------
+
+
+def _state(model) -> dict:
+    return {name: dict(module.__dict__) for name, module in model.named_modules()}
+
+
+def test_forward_leaves_every_module_unchanged(setup):
+    model, _ = setup
+    two_trained_domains(model)
+    batch = make_batch(model, MIXED)
+    before = _state(model)
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+        model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, domain_ids=out.domain_ids,
+              attention_mask=torch.cat([batch["attention_mask"], torch.ones(4, 1, dtype=torch.long)], 1))
+    model.generate(**batch, max_new_tokens=3, do_sample=False)
+    after = _state(model)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name].keys() == before[name].keys(), name
+        for key, value in before[name].items():
+            if key != "training":  # `generate` never trains; the flag is compared as a value below
+                assert after[name][key] is value, (name, key)
+        assert after[name].get("training") == before[name].get("training")
+
+
+def test_two_threads_share_one_model(setup):
+    model, _ = setup
+    two_trained_domains(model)
+    batches = [make_batch(model, MIXED), make_batch(model, [(TEXTS["stories"], "stories"), (TEXTS["recipes"], None),
+                                                            (TEXTS["recipes"], "recipes")])]
+    expected = [(model_logits(model, b), model.generate(**b, max_new_tokens=4, do_sample=False)) for b in batches]
+    failures = []
+
+    def run(index: int) -> None:
+        for _ in range(15):
+            got = (model_logits(model, batches[index]), model.generate(**batches[index], max_new_tokens=4, do_sample=False))
+            if not (torch.equal(got[0], expected[index][0]) and torch.equal(got[1], expected[index][1])):
+                failures.append(index)
+
+    threads = [threading.Thread(target=run, args=(i % 2,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+# j. control tokens: plain text never routes; the caller asks for a domain explicitly ----------------------------
 
 
 def test_control_token_in_plain_text_does_not_switch_domain(setup):
@@ -253,11 +382,10 @@ def test_control_token_in_plain_text_does_not_switch_domain(setup):
     plain = model.tokenizer("<|domain:recipes|>Title: Soup")["input_ids"]
     assert token_id not in plain
     assert model.route(torch.tensor([plain])).tolist() == [-1]
-    # Asking for it: model.tokenize(..., domain=...) or tokenizer(..., split_special_tokens=False).
     asked = model.tokenizer("<|domain:recipes|>Title: Soup", split_special_tokens=False)["input_ids"]
     assert token_id in asked and model.route(torch.tensor([asked])).tolist() == [0]
-    assert model.route(model.tokenize("Title: Soup", domain="recipes")["input_ids"]).tolist() == [0]
-    # Decoding drops control tokens as the special tokens they are.
+    routed = model.tokenizer("Title: Soup", domain="recipes", return_tensors="pt")["input_ids"]
+    assert model.route(routed).tolist() == [0]
     assert model.tokenizer.decode(asked, skip_special_tokens=True) == "Title: Soup"
 
 
@@ -279,7 +407,7 @@ def test_bos_then_control_token_routes(tokenizer):
     tokenizer.add_bos_token = True
     model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama"), tokenizer=tokenizer)
     model.add_domain("recipes", num_blocks=1)
-    ids = model.tokenize(["Title", "Once"], domain=["recipes", None])["input_ids"]
+    ids = model.tokenizer(["Title", "Once"], domain=["recipes", None], padding=True, return_tensors="pt")["input_ids"]
     real = ids[0][ids[0] != tokenizer.pad_token_id].tolist()
     if real[0] == tokenizer.bos_token_id:
         assert real[1] == model.control_token_id("recipes")
@@ -295,7 +423,7 @@ def test_padded_vocabulary_gives_control_tokens_ids_past_the_embeddings():
     assert model.control_token_id("recipes") == 352
     assert model.tokenizer.convert_tokens_to_ids("<|domain:recipes|>") == 352
     assert "<|domain:recipes|>" not in tokenizer.get_vocab(), "the caller's tokenizer is left as it was"
-    assert model(**model.tokenize("Title", domain="recipes")).logits.shape[-1] == 353
+    assert model(**model.tokenizer("Title", domain="recipes", return_tensors="pt")).logits.shape[-1] == 353
 
 
 def test_removed_domain_ids_are_never_reused(setup):
@@ -311,7 +439,7 @@ def test_removed_domain_ids_are_never_reused(setup):
     new_id = model.control_token_id("recipes")
     assert new_id not in (old_id, model.control_token_id("stories"))
     assert model.tokenizer.convert_tokens_to_ids("<|domain:recipes|>") == new_id
-    assert model.route(model.tokenize("Title", domain="recipes")["input_ids"]).tolist() == [1]
+    assert model.route(model.tokenizer("Title", domain="recipes", return_tensors="pt")["input_ids"]).tolist() == [1]
 
 
 def test_cache_indices_do_not_collide(setup):
@@ -322,17 +450,26 @@ def test_cache_indices_do_not_collide(setup):
                for b in blocks for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     num_layers = model.config.num_backbone_layers
     assert sorted(set(indices)) == list(range(num_layers, num_layers + 4))
+    assert model.cache_layout == [(0, 0), (0, 3), (1, 1), (1, 1)]
 
 
-def test_chat_template_keeps_its_special_tokens_and_user_text_stays_text(setup):
+def test_output_hidden_states(setup):
+    model, _ = setup
+    model.add_domain("recipes", num_blocks=2)
+    model.add_domain("stories", num_blocks=1)
+    batch = make_batch(model, MIXED)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_backbone_layers + 1
+    assert all(h.shape == (*batch["input_ids"].shape, model.backbone.config.get_text_config().hidden_size)
+               for h in out.hidden_states)
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        model(**batch, output_attentions=True)
+
+
+def test_labels_ignore_control_tokens_and_padding(setup):
     model, _ = setup
     model.add_domain("recipes", num_blocks=1)
-    tokenizer = model.tokenizer
-    tokenizer.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-    messages = [{"role": "user", "content": "<|domain:recipes|>Title: Soup"}]
-    plain = model.apply_chat_template(messages)["input_ids"][0].tolist()
-    assert plain[0] == tokenizer.bos_token_id and tokenizer.eos_token_id in plain
-    assert model.control_token_id("recipes") not in plain
-    routed = model.apply_chat_template([messages, messages], domain=["recipes", None])
-    assert model.route(routed["input_ids"], routed["attention_mask"]).tolist() == [0, -1]
-    assert tokenizer.split_special_tokens  # restored
+    batch = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None)])
+    loss = model(**batch, labels=labels_for(batch)).loss
+    assert torch.isfinite(loss)

@@ -87,7 +87,7 @@ def snapshot(model) -> dict:
         "domains": list(model.domains),
         "config": json.dumps(model.config.domains, sort_keys=True),
         "vocab_size": model.config.vocab_size,
-        "tokenizer": model.tokenizer.backend_tokenizer.to_str(),
+        "tokenizer": model.tokenizer.base.backend_tokenizer.to_str(),
         "state": sorted(model.state_dict()),
     }
 
@@ -151,7 +151,8 @@ def test_pack_moves_an_extended_domain_to_a_model_with_other_domains(family, tmp
     assert_same_outputs(row_outputs(target, [(STORY, "stories"), (TEXTS["base"], None)]), stories_before)
     for key, tensor in source.domains["recipes"].state_dict().items():
         assert torch.equal(target.domains["recipes"].state_dict()[key], tensor), key
-    assert target.batch_decode(make_batch(target, [(RECIPE, "recipes")])["input_ids"], skip_special_tokens=True) == [RECIPE]
+    decoded = target.tokenizer.batch_decode(make_batch(target, [(RECIPE, "recipes")])["input_ids"], skip_special_tokens=True)
+    assert decoded == [RECIPE]
 
 
 def test_gate_entry_is_carried_over(tmp_path):
@@ -331,7 +332,7 @@ def test_a_pack_never_brings_code_or_pickles(recipes, tmp_path):
         manifest["files"]["tokenizer_config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
     rewrite_pack(folder, edit_manifest=rehash_config)
-    with pytest.raises(PackError, match="custom code"):
+    with pytest.raises(PackError, match="tokenizer_config.json changes auto_map"):
         target.load_domain(folder)
     assert target.domain_names == []
 
@@ -358,12 +359,12 @@ def test_manifest_validation_names_the_field(plain, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PackError, match="is not a domain pack"):
         new_model().load_domain(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="neither a pack folder nor a Hub repo id"):
+    with pytest.raises(FileNotFoundError, match="No such pack folder"):
         new_model().load_domain(tmp_path / "no" / "such" / "pack")
 
 
 def test_saving_writes_whole_packs_only(tmp_path, monkeypatch):
-    import domain_experts.packs as packs
+    import domain_experts.packs.save_load as packs
 
     model = new_model()
     model.add_domain("recipes", num_blocks=1)
@@ -555,8 +556,9 @@ REMOTE_HUB_SCRIPT = textwrap.dedent(
     repo_id, work = sys.argv[1], sys.argv[2]
     model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert sorted(model.domain_tokenizers) == ["recipes", "stories"]
-    inputs = model.tokenize([sys.argv[3], sys.argv[4], "Is the sun a star?"], domain=["recipes", "stories", None])
+    assert sorted(model.tokenizer.domain_tokenizers) == ["recipes", "stories"]
+    inputs = model.tokenizer([sys.argv[3], sys.argv[4], "Is the sun a star?"], domain=["recipes", "stories", None],
+                             padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
     torch.save({"input_ids": inputs["input_ids"], "logits": logits}, work + "/remote.pt")
@@ -591,7 +593,8 @@ def test_composed_model_push_to_hub_loads_as_remote_code(hub_server, users, reci
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "remote.pt")
-    batch = composed.tokenize([RECIPE, STORY, "Is the sun a star?"], domain=["recipes", "stories", None])
+    batch = composed.tokenizer([RECIPE, STORY, "Is the sun a star?"], domain=["recipes", "stories", None], padding=True,
+                               return_tensors="pt")
     assert torch.equal(remote["input_ids"], batch["input_ids"])
     with torch.no_grad():
         assert torch.equal(remote["logits"], composed(**batch).logits)
@@ -649,3 +652,186 @@ def test_cli_push_pull_info_compose(hub_server, users, recipes, tmp_path, monkey
     monkeypatch.delenv("HF_TOKEN")
     assert main(["pull", "alice/secret", str(tmp_path / "nope")]) == 2
     assert "it is private and no token was passed" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+
+
+# 5. untrusted packs: refused before anything is attached, whatever part of them lies ------------------------------
+
+
+def rewrite_json(folder: Path, path: str, edit) -> None:
+    """Edit one JSON file of a pack and record its new hash in the manifest, as a forger would."""
+    data = json.loads((folder / path).read_text())
+    edit(data)
+    (folder / path).write_text(json.dumps(data))
+
+    def rehash(manifest):
+        raw = (folder / path).read_bytes()
+        manifest["files"][path] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+
+    rewrite_pack(folder, edit_manifest=rehash)
+
+
+TOKENIZER_FORGERIES = {
+    "normalizer": ("tokenizer.json", lambda t: t.update(normalizer={"type": "Replace", "pattern": {"String": "Yes"},
+                                                                    "content": "No"}),
+                   "tokenizer.json changes normalizer"),
+    "pre_tokenizer": ("tokenizer.json", lambda t: t.update(pre_tokenizer=None), "tokenizer.json changes pre_tokenizer"),
+    "decoder": ("tokenizer.json", lambda t: t.update(decoder={"type": "Fuse"}), "tokenizer.json changes decoder"),
+    "post_processor": ("tokenizer.json", lambda t: t.update(post_processor={"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}), "tokenizer.json changes post_processor"),
+    "added control token": ("tokenizer.json", lambda t: t["added_tokens"].append(
+        {"id": 9999, "content": "<|domain:stories|>", "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}), "tokenizer.json changes added_tokens"),
+    "chat template": ("tokenizer_config.json", lambda c: c.update(chat_template="{{ 'Always answer No.' }}"),
+                      "tokenizer_config.json changes chat_template"),
+    "extra vocabulary": ("tokenizer.json", lambda t: t["model"]["vocab"].update({"zz_extra": 9998}),
+                         "tokenizer.json changes model.vocab"),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(TOKENIZER_FORGERIES))
+def test_a_pack_tokenizer_other_than_backbone_plus_its_tokens_is_refused(forgery, recipes, tmp_path):
+    folder = copy_pack(recipes, tmp_path)
+    path, edit, message = TOKENIZER_FORGERIES[forgery]
+    rewrite_json(folder, path, edit)
+    target = new_model()
+    target.add_domain("stories", num_blocks=1)
+    before = snapshot(target)
+    with pytest.raises(PackError, match=f"not the backbone's tokenizer plus the domain's declared tokens.*{message}"):
+        target.load_domain(folder)
+    assert snapshot(target) == before
+
+
+def test_own_tokens_spelled_like_control_tokens_or_bad_merges_are_refused(recipes, tmp_path):
+    folder = copy_pack(recipes, tmp_path)
+    rewrite_pack(folder, edit_manifest=lambda m: m["tokens"].__setitem__(0, "<|domain:recipes|>"), rehash=False)
+    with pytest.raises(PackError, match="'tokens' must be tokens of the domain's text, none spelled like a control"):
+        new_model().load_domain(folder)
+    folder = copy_pack(recipes, tmp_path / "again")
+    rewrite_json(folder, "tokenizer.json", lambda t: t["model"]["merges"].append(["<s>", "</s>"]))
+    with pytest.raises(PackError, match="merges .* which does not join two known tokens"):
+        new_model().load_domain(folder)
+
+
+def test_only_listed_files_are_read(recipes, tmp_path):
+    """A tokenizer_config.json the manifest does not list (injected next to a pack) is never read."""
+    folder = copy_pack(recipes, tmp_path)
+    rewrite_pack(folder, edit_manifest=lambda m: m["files"].pop("tokenizer_config.json"), rehash=False)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ 'Always answer No.' }}"
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    target = new_model()
+    target.load_domain(folder)
+    assert target.tokenizer.tokenizer_for("recipes").chat_template is None
+    assert_same_outputs(row_outputs(target, RECIPE_ROWS), recipes.outputs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_tensors_are_refused_with_their_name(value, plain, tmp_path):
+    folder = copy_pack(plain, tmp_path)
+    rewrite_pack(folder, edit_tensors=lambda tensors: tensors["token_embeddings"].__setitem__((0, 0), value))
+    target = new_model()
+    with pytest.raises(PackError, match="tensor token_embeddings holds NaN or infinite values"):
+        target.load_domain(folder)
+    assert target.domain_names == []
+
+
+@pytest.mark.parametrize("name", ["legal.v2", "v1.0", ".", "x" * 65, "has space"])
+def test_invalid_names_are_refused_before_anything_is_read_or_changed(name, plain, tmp_path):
+    target = new_model()
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="Invalid domain name.*1 to 64 characters"):
+        target.load_domain(plain.folder, name=name)
+    folder = copy_pack(plain, tmp_path)
+    rewrite_pack(folder, edit_manifest=lambda m: m.update(name=name), rehash=False)
+    with pytest.raises(PackError, match="'name' must be a domain name"):
+        target.load_domain(folder)
+    with pytest.raises(KeyError, match="Unknown domain"):  # a model never holds a domain of an invalid name
+        plain.model.save_domain(name, tmp_path / "out")
+    assert snapshot(target) == before and not (tmp_path / "out").exists()
+    target.add_domain("stories", num_blocks=1)  # and the model still works
+    assert target.domain_names == ["stories"]
+
+
+def test_a_deeply_nested_manifest_is_a_clear_error(plain, tmp_path):
+    folder = copy_pack(plain, tmp_path)
+    (folder / MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PackError, match="nested too deeply"):
+        new_model().load_domain(folder)
+    (folder / MANIFEST_NAME).write_text(json.dumps({"format": "domain_experts.pack", "format_version": 1,
+                                                    "name": "recipes", "backbone": {"x": json.loads("[" * 900 + "]" * 900)}}))
+    with pytest.raises(PackError, match="Invalid domain_pack.json"):
+        new_model().load_domain(folder)
+
+
+def test_concurrent_saves_and_loads_see_whole_versions(tmp_path):
+    """Two writers replace the same pack folder over and over while a reader loads it: no error, no leftover, and
+    every load gives one of the two versions, whole."""
+    import threading
+
+    models = []
+    for shift in (0.0, 1.0):
+        model = new_model()
+        model.add_domain("recipes", num_blocks=1)
+        with torch.no_grad():
+            model.domains["recipes"].token_embeddings.add_(shift)
+        models.append(model)
+    versions = [m.domains["recipes"].token_embeddings.detach().clone() for m in models]
+    folder = tmp_path / "pack"
+    models[0].save_domain("recipes", folder)
+    errors, loaded = [], []
+
+    def write(model):
+        try:
+            for _ in range(6):
+                model.save_domain("recipes", folder)
+        except Exception as error:  # noqa: BLE001  (collected, asserted below)
+            errors.append(error)
+
+    def read():
+        try:
+            for _ in range(6):
+                target = new_model()
+                target.load_domain(folder)
+                loaded.append(target.domains["recipes"].token_embeddings.detach().clone())
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(m,)) for m in models] + [threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(loaded) == 6 and all(any(torch.equal(t, v) for v in versions) for t in loaded)
+    assert sorted(os.listdir(tmp_path)) == ["pack"], "no staging or swapped-out folder is left"
+
+
+def test_a_killed_save_leaves_nothing_after_the_next_save_or_load(plain, tmp_path):
+    folder = copy_pack(plain, tmp_path)
+    for leftover in (".pack.1a2b3c4d.partial", ".pack.5e6f7a8b.old"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / WEIGHTS_NAME).write_bytes(b"half a file")
+    new_model().load_domain(folder)
+    assert sorted(os.listdir(tmp_path)) == ["pack"]
+    (tmp_path / ".pack.9c0d1e2f.partial").mkdir()
+    plain.model.save_domain("recipes", folder)
+    assert sorted(os.listdir(tmp_path)) == ["pack"]
+
+
+def test_a_private_pack_in_a_warm_cache_still_needs_access(hub_server, users, plain, monkeypatch):
+    """After one authorised pull, the Hub (reachable) is asked again on every load: no token, another user's token or
+    an invalid token are refused although the files are cached. Offline, the cached pack loads without a check."""
+    plain.model.push_domain_to_hub("recipes", "alice/secret", token=users["alice"], private=True)
+    new_model().load_domain("alice/secret", token=users["alice"])  # the cache is warm now
+    for token, message in ((None, "no token was passed"), (users["bob"], "the token passed has no access"),
+                           ("hf_not_a_real_token", "HTTP 401.*token is invalid")):
+        target = new_model()
+        with pytest.raises(PackAccessError, match=message):
+            target.load_domain("alice/secret", token=token)
+        assert target.domain_names == []
+    set_hub_offline(monkeypatch)
+    offline = new_model()
+    offline.load_domain("alice/secret")
+    assert_same_outputs(row_outputs(offline, RECIPE_ROWS), plain.outputs)

@@ -133,19 +133,20 @@ def test_add_domain_from_corpus_gives_domain_tokens_their_own_ids_and_embeddings
     model.add_domain("recipes", num_blocks=2, corpus=load_texts("recipes", "train"), num_new_tokens=200)
     settings_ = model.config.domains["recipes"]
     assert settings_["token_ids"] == list(range(1024, 1024 + 201)) and model.config.vocab_size == 1225
-    domain_tokenizer = model.tokenizer_for("recipes")
+    domain_tokenizer = model.tokenizer.tokenizer_for("recipes")
     assert domain_tokenizer.convert_tokens_to_ids(settings_["tokens"]) == settings_["token_ids"]
-    assert model.tokenizer_for("recipes") is not model.tokenizer and model.tokenizer_for(None) is model.tokenizer
-    ids = model.tokenize(RECIPE, domain="recipes")["input_ids"][0]
+    assert domain_tokenizer is not model.tokenizer.base and model.tokenizer.tokenizer_for(None) is model.tokenizer.base
+    ids = torch.tensor(model.tokenizer(RECIPE, domain="recipes")["input_ids"])
     assert (ids > 1024).any(), "recipe text uses the domain's own tokens"
-    assert len(ids) < len(model.tokenize(RECIPE)["input_ids"][0])
+    assert len(ids) < len(model.tokenizer(RECIPE)["input_ids"])
     # Each new token starts at the mean embedding of the backbone pieces it joins.
     embedding = model.backbone.get_input_embeddings().weight
     token = settings_["tokens"][5]
-    pieces = model.tokenizer.backend_tokenizer.model.tokenize(token)
+    pieces = model.tokenizer.base.backend_tokenizer.model.tokenize(token)
     expected = embedding[[p.id for p in pieces]].mean(0)
     torch.testing.assert_close(model.domains["recipes"].token_embeddings[5], expected)
-    assert model.batch_decode(model.tokenize(RECIPE, domain="recipes")["input_ids"], skip_special_tokens=True) == [RECIPE]
+    routed = model.tokenizer([RECIPE], domain="recipes", return_tensors="pt")["input_ids"]
+    assert model.tokenizer.batch_decode(routed, skip_special_tokens=True) == [RECIPE]
 
 
 def test_untied_backbone_gets_domain_output_rows(tokenizer):
@@ -155,7 +156,7 @@ def test_untied_backbone_gets_domain_output_rows(tokenizer):
     domain = model.domains["recipes"]
     assert domain.output_embeddings is not None and domain.output_embeddings.shape == (20, 32)
     token = model.config.domains["recipes"]["tokens"][1]
-    pieces = [p.id for p in model.tokenizer.backend_tokenizer.model.tokenize(token)]
+    pieces = [p.id for p in model.tokenizer.base.backend_tokenizer.model.tokenize(token)]
     torch.testing.assert_close(domain.output_embeddings[0], backbone.lm_head.weight[pieces].mean(0))
 
 
@@ -204,8 +205,9 @@ def test_loss_and_generation_use_domain_tokens(scratch_model):
     with_cache = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert torch.equal(with_cache, model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False))
     generated = with_cache[:, batch["input_ids"].shape[1]:]
-    owner = model._token_owner_table()[generated]
-    assert ((owner == -1) | (owner == torch.tensor([0, -1, 1])[:, None])).all()
+    recipes_ids = torch.tensor(model.config.domains["recipes"]["token_ids"])
+    assert not torch.isin(generated[1:], recipes_ids).any(), "only recipes rows produce recipes tokens"
+    assert (generated[1] < model.config.backbone_vocab_size).all()
     for row, (text, domain) in enumerate([(RECIPE, "recipes"), (STORY, None)]):
         alone = make_batch(model, [(text, domain)])
         out = model.generate(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"],
@@ -218,9 +220,10 @@ def test_batch_encoding_with_padding_matches_rows_alone(scratch_model):
     model.add_domain("recipes", num_blocks=1, corpus=load_texts("recipes", "train"), num_new_tokens=100)
     rows = [(RECIPE, "recipes"), (STORY, None), ("Soup", "recipes")]
     for side in ("left", "right"):
-        batch = model.tokenize([t for t, _ in rows], domain=[d for _, d in rows], padding_side=side)
+        batch = model.tokenizer([t for t, _ in rows], domain=[d for _, d in rows], padding=True, padding_side=side,
+                                return_tensors="pt")
         for i, (text, domain) in enumerate(rows):
-            alone = model.tokenize(text, domain=domain)["input_ids"][0].tolist()
+            alone = model.tokenizer(text, domain=domain)["input_ids"]
             mask = batch["attention_mask"][i].bool()
             assert batch["input_ids"][i][mask].tolist() == alone
             assert (mask[: len(alone)].all() if side == "right" else mask[-len(alone):].all())
@@ -230,10 +233,10 @@ def test_batch_encoding_with_padding_matches_rows_alone(scratch_model):
 @given(text=st.text(min_size=1, max_size=120))
 def test_model_domain_tokenizer_roundtrip_and_plain_text_never_routes(recipes_model, text):
     model = recipes_model
-    ids = model.tokenize(text, domain="recipes")["input_ids"]
-    assert model.batch_decode(ids, skip_special_tokens=True) == [text]
-    plain = model.tokenizer_for("recipes")(text)["input_ids"]
-    assert model.tokenizer_for("recipes").decode(plain) == text
+    ids = model.tokenizer(text, domain="recipes")["input_ids"]
+    assert model.tokenizer.decode(ids, skip_special_tokens=True) == text
+    plain = model.tokenizer.tokenizer_for("recipes")(text)["input_ids"]
+    assert model.tokenizer.tokenizer_for("recipes").decode(plain) == text
     assert model.control_token_id("recipes") not in plain
 
 
@@ -265,7 +268,7 @@ def test_ready_domain_tokenizer_is_remapped_past_other_domains(scratch_model, re
     model.add_domain("recipes", num_blocks=1, tokenizer=recipes_tokenizer)
     ids = model.config.domains["recipes"]["token_ids"]
     assert ids[0] == model.config.domains["stories"]["token_ids"][-1] + 1 and len(ids) == 301
-    assert model.tokenize(RECIPE, domain="recipes")["input_ids"].shape[1] == len(recipes_tokenizer(RECIPE)["input_ids"]) + 1
+    assert len(model.tokenizer(RECIPE, domain="recipes")["input_ids"]) == len(recipes_tokenizer(RECIPE)["input_ids"]) + 1
 
 
 def test_domain_tokenizers_are_saved_and_load_with_auto_tokenizer(scratch_model, tmp_path):
@@ -275,10 +278,10 @@ def test_domain_tokenizers_are_saved_and_load_with_auto_tokenizer(scratch_model,
     train_domain(model, "recipes", make_batch(model, [(RECIPE, "recipes")]))
     model.save_pretrained(tmp_path)
     saved = AutoTokenizer.from_pretrained(tmp_path / "domain_tokenizers" / "recipes")
-    assert saved(RECIPE)["input_ids"] == model.tokenizer_for("recipes")(RECIPE)["input_ids"]
+    assert saved(RECIPE)["input_ids"] == model.tokenizer.tokenizer_for("recipes")(RECIPE)["input_ids"]
     assert saved.split_special_tokens
     loaded = DomainExpertsForCausalLM.from_pretrained(tmp_path)
-    assert set(loaded.domain_tokenizers) == {"recipes"}
+    assert set(loaded.tokenizer.domain_tokenizers) == {"recipes"}
     batch = make_batch(model, [(RECIPE, "recipes"), (STORY, "stories"), (STORY, None)])
     assert torch.equal(make_batch(loaded, [(RECIPE, "recipes"), (STORY, "stories"), (STORY, None)])["input_ids"],
                        batch["input_ids"])

@@ -5,8 +5,26 @@ This file is copied next to every saved model and loaded with `trust_remote_code
 `transformers` and must stay self-contained.
 """
 
+import re
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_domain_name(name) -> None:
+    """Raise a `ValueError` stating the rule unless `name` is a valid domain name.
+
+    A domain name is 1 to 64 ASCII letters, digits, `_` and `-`, starting with a letter or digit: it names a module
+    (no `.`), a folder and a Hub-friendly token, on every file system.
+    """
+    if not isinstance(name, str) or not _DOMAIN_NAME.fullmatch(name):
+        raise ValueError(
+            f"Invalid domain name {name!r}: a domain name is 1 to 64 characters, ASCII letters, digits, '_' and '-', "
+            "starting with a letter or digit (e.g. 'legal_v2')."
+        )
 
 
 def control_token_for(domain_name: str) -> str:
@@ -75,4 +93,4 @@ class DomainExpertsConfig(PretrainedConfig):
         return self.backbone_config.get_text_config(decoder=True).num_hidden_layers
 
 
-__all__ = ["DomainExpertsConfig", "control_token_for"]
+__all__ = ["DomainExpertsConfig", "check_domain_name", "control_token_for"]

