@@ -6,6 +6,7 @@ one canned reply (`openai_server.save_canned_reply_model`), served by a real `tr
 
 import json
 import logging
+import re
 import socket
 
 import pytest
@@ -529,3 +530,40 @@ def test_cli_augments_from_an_endpoint_and_resumes_without_it(server, canned_mod
     assert main(args + ["--endpoint", dead]) == 0
     assert main(args + ["--endpoint", dead, "--rewrites-per-row", "2"]) == 2
     assert "augment: error: http://127.0.0.1:9/v1 failed 1 attempt;" in capsys.readouterr().err
+
+
+def run_cli_expecting_one_error_line(capsys, args: list[str]) -> str:
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("domain-experts augment: error: "), error
+    return error[0]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("train.jsonl", b"", "The source file .*train.jsonl is empty \\(0 bytes\\)"),
+    ("train.jsonl", b'{"question": "Is it?"}\nIs it?\n', "Line 2 of the source file .*train.jsonl is not JSON"),
+    ("train.csv", "question\nCr\u00e8me?\n".encode("latin-1"), "The source file .*train.csv is not UTF-8 text"),
+    ("train.xml", b"<q/>", "Cannot read source file .*train.xml: use a .jsonl, .json, .csv, .parquet, .txt file"),
+])
+def test_cli_bad_source_file_is_one_line_naming_it(tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    error = run_cli_expecting_one_error_line(capsys, ["augment", str(tmp_path / name), "--output-dir",
+                                                      str(tmp_path / "out"), "--endpoint", "http://127.0.0.1:9/v1"])
+    assert re.search(message, error), error
+    assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def test_cli_damaged_config_file_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in QA_ROWS))
+    (tmp_path / "config.json").write_text('{"seed": ')
+    error = run_cli_expecting_one_error_line(capsys, [
+        "augment", str(tmp_path / "train.jsonl"), "--output-dir", str(tmp_path / "out"), "--endpoint",
+        "http://127.0.0.1:9/v1", "--config", str(tmp_path / "config.json")])
+    assert re.search("The AugmentConfig file .*config.json is damaged \\(not JSON", error), error
+
+
+def test_an_output_folder_of_other_files_is_never_written_into(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no generations.jsonl or augment_config.json: refusing"):
+        augment(Dataset.from_list(QA_ROWS), ScriptedGenerator({}), output_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -134,3 +135,55 @@ def test_cli_train_gate_and_eval(gated_model, tmp_path, capsys):
     assert set(report["token"]) == {"recipes", "stories", "none"}
     assert main(["eval", str(folder), "--data", f"recipes={tmp_path / 'missing.jsonl'}"]) == 2
     assert "Cannot read" in capsys.readouterr().err
+
+
+def test_train_gate_never_deletes_a_folder_it_did_not_write(gated_model, tmp_path, capsys):
+    model_dir, output = tmp_path / "model", tmp_path / "output"
+    gated_model.save_pretrained(model_dir)
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    args = ["train-gate", str(model_dir), "--data", f"recipes={corpus_path('recipes', 'validation')}", "--data",
+            f"none={corpus_path('stories', 'validation')}", "--max-samples", "8", "--output-dir", str(output)]
+    for overwrite in ([], ["--overwrite"]):
+        assert main(args + overwrite) == 2
+        assert "holds no config.json: refusing to write over a folder" in capsys.readouterr().err
+        assert [p.name for p in output.iterdir()] == ["notes.txt"]
+    (output / "notes.txt").unlink()
+    assert main(args) == 0 and (output / "config.json").is_file()
+    capsys.readouterr()
+    assert main(args) == 2, "a saved model is replaced only when asked"
+    assert "already holds a saved result; pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_eval_prints_a_table_and_json_for_machines(gated_model, tmp_path, capsys):
+    folder = tmp_path / "model"
+    gated_model.save_pretrained(folder)
+    data = ["--data", f"recipes={corpus_path('recipes', 'validation')}", "--data",
+            f"none={corpus_path('strategyqa', 'validation')}:question", "--max-samples", "3"]
+    assert main(["eval", str(folder), *data, "--output", str(tmp_path / "report.json")]) == 0
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
+    assert table[0].split() == ["texts", "route", "texts", "perplexity", "bits/char"]
+    assert table[1].startswith("recipes") and "recipes domain (control token)" in table[1]
+    assert table[2].startswith("none") and "bare backbone" in table[2]
+    assert any(line.startswith("gate routing accuracy: ") for line in table)
+    # Progress bars say what they measure.
+    assert "recipes texts, recipes domain (control token)" in captured.err
+    assert "none texts, bare backbone" in captured.err
+    assert main(["eval", str(folder), *data, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "report.json").read_text())
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "Soup"}\n{"text": 5}\n', "Row 2 of the --data file for 'recipes' .* holds 5 \\(int\\)"),
+    ("", "--data file for 'recipes' .* is empty \\(0 bytes\\)"),
+    ('{"text": "Soup"}\nSoup\n', "Line 2 of the --data file for 'recipes' .* is not JSON"),
+])
+def test_eval_bad_data_is_one_line_naming_the_file(gated_model, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    assert main(["eval", "some/model", "--data", f"recipes={bad}"]) == 2  # the data is read before any model
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("domain-experts eval: error: ") and str(bad) in error[0]
+    assert re.search(message, error[0]), error[0]

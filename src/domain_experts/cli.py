@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "domains, route between them, ship them as packs.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('domain_experts')}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     info_parser = _add_parser(commands, "info", "what a saved model or a domain pack holds", epilog="""\
 examples:
   domain-experts info runs/recipes/model
