@@ -36,6 +36,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from domain_experts import DomainExpertsForCausalLM
 from domain_experts.augment import AugmentConfig, QualityConfig, TransformersGenerator, augment
+from domain_experts.files import write_file_atomically
 from domain_experts.smollm2 import GGUF_FILE, load_smollm2
 
 
@@ -190,9 +191,7 @@ def main() -> None:
         start = time.perf_counter()
         results[key] = measure() | {"seconds": round(time.perf_counter() - start)}
         print(key, results[key], flush=True)
-        partial = results_path.with_name(results_path.name + ".partial")
-        partial.write_text(json.dumps(results, indent=2))
-        partial.replace(results_path)
+        write_file_atomically(results_path, json.dumps(results, indent=2))
 
     for split in ("validation", "test"):
         record(f"zero-shot | {split}", lambda: evaluate(YesNoModel("zero-shot", backbone, tokenizer, 0), splits[split]))
@@ -222,8 +221,7 @@ def main() -> None:
             cells.append(" / ".join(f"{statistics.mean(run[m] for run in runs):.3f}" for m in ("accuracy", "macro_f1")))
         print(f"| {condition} | {len(training_sets[condition])} | " + " | ".join(cells) + " |")
 
-    args.results_file.parent.mkdir(parents=True, exist_ok=True)
-    args.results_file.write_text(json.dumps({
+    write_file_atomically(args.results_file, json.dumps({
         "augmentation": report.to_dict() | {"kept_labels": {label: labels.count(label) for label in ("yes", "no")}},
         "results": results}, indent=2))
 
