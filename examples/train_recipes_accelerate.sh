@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Train a `recipes` domain on SmolLM2-135M with two processes (see accelerate_config.yaml); the same flags run under
 # plain `python -m domain_experts.cli train` or `domain-experts train`, with the same result.
-# Resume after an interruption by running it again with --resume.
+# On GPUs, CONFIG=fsdp_config.yaml shards the model (FSDP2) and CONFIG=deepspeed_zero2_config.yaml partitions the
+# optimizer states (DeepSpeed ZeRO-2, needs `pip install deepspeed`).
+# Resume after an interruption by running it again with --resume; start it over with --overwrite.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
-accelerate launch --config_file "$(dirname "$0")/accelerate_config.yaml" -m domain_experts.cli train \
+accelerate launch --config_file "$(dirname "$0")/${CONFIG:-accelerate_config.yaml}" -m domain_experts.cli train \
     --model smollm2 --domain recipes --add-domain --num-blocks 4 --new-tokens 0 \
     --train-file "$DATA/recipes.train.jsonl" --validation-file "$DATA/recipes.validation.jsonl" \
     --block-size 256 --batch-size 8 --gradient-accumulation-steps 2 --learning-rate 5e-4 --warmup-steps 20 \

@@ -169,9 +169,9 @@ def _check_distributed_setup(accelerator: Accelerator) -> None:
     for setting, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         wanted = os.environ.get(setting, "false").lower() == "true"
         if wanted and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise RuntimeError(f"The Accelerate config asks for {name}, but Accelerate runs {name} on GPUs only and "
-                               f"this run got {accelerator.distributed_type.value} (no GPU here?). Launch with "
-                               "examples/accelerate_config.yaml (data parallel) instead.")
+            raise ValueError(f"The Accelerate config asks for {name}, but Accelerate runs {name} on GPUs only and "
+                             f"this run got {accelerator.distributed_type.value} (no GPU here?). Launch with "
+                             "examples/accelerate_config.yaml (data parallel) instead.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -642,6 +642,7 @@ def train(config: TrainingConfig):
                               num_training_steps=config.max_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters by sharded ones
     _checkpoint_trainable_tensors_only(accelerator)
 
     completed_steps = 0
