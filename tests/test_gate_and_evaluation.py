@@ -164,7 +164,7 @@ def test_eval_prints_a_table_and_json_for_machines(gated_model, tmp_path, capsys
     assert main(["eval", str(folder), *data, "--output", str(tmp_path / "report.json")]) == 0
     captured = capsys.readouterr()
     table = captured.out.splitlines()
-    assert table[0].split() == ["texts", "route", "texts", "perplexity", "bits/char"]
+    assert table[0].split() == ["data", "route", "texts", "perplexity", "bits/char"]
     assert table[1].startswith("recipes") and "recipes domain (control token)" in table[1]
     assert table[2].startswith("none") and "bare backbone" in table[2]
     assert any(line.startswith("gate routing accuracy: ") for line in table)
@@ -187,3 +187,10 @@ def test_eval_bad_data_is_one_line_naming_the_file(gated_model, tmp_path, capsys
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("domain-experts eval: error: ") and str(bad) in error[0]
     assert re.search(message, error[0]), error[0]
+
+
+def test_texts_cut_to_max_length_are_reported(gated_model, caplog):
+    texts = load_texts("recipes", "validation")[:3]
+    with caplog.at_level("WARNING"):
+        language_modeling(gated_model, texts, "recipes", max_length=9)
+    assert "recipes texts, recipes domain (control token): 3 of 3 texts are longer than 8 tokens" in caplog.text

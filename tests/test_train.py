@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from domain_experts import DomainExpertsForCausalLM
 from domain_experts.data import corpus_path
-from domain_experts.train import TrainingConfig, latest_checkpoint, save_checkpoint, train
+from domain_experts.train import TrainingConfig, latest_checkpoint, load_text_datasets, save_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +374,14 @@ def test_two_gloo_processes_match_one_process_without_new_tokens(tiny_model_dir,
     losses = [json.loads((tmp_path / name / "model" / "eval_results.json").read_text())["eval_loss"]
               for name in ("one", "two")]
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_rows_without_text_are_left_out_saying_so(tmp_path, caplog):
+    data = tmp_path / "recipes.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in ["Soup", "", "Stew", None, "  ", "Pie"]))
+    config = TrainingConfig(output_dir=str(tmp_path / "out"), model="unused", domain="recipes", train_file=str(data),
+                            validation_file=str(data))
+    with caplog.at_level("WARNING"):
+        train_rows, validation_rows = load_text_datasets(config)
+    assert train_rows["text"] == validation_rows["text"] == ["Soup", "Stew", "Pie"]
+    assert caplog.text.count(f"({data}) has 3 of 6 rows without text in column 'text': they are left out.") == 2

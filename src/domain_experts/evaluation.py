@@ -63,14 +63,15 @@ def language_modeling(model, texts: list[str], domain: str | None = None, routin
     config = model.config.backbone_config if is_domain_experts else model.config
     context = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     max_length = min(max_length, context) if context else max_length
-    nll, tokens, characters = [], [], []
+    nll, tokens, characters, cut = [], [], [], 0
     if description is None:
         route = route_label(domain, routing) if is_domain_experts else "model"
         description = f"{domain or NONE_ROUTE} texts, {route}"
     for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", leave=False):
         chunk = texts[start : start + batch_size]
-        rows = [tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"][: max_length - 1]
-                for t in chunk]
+        rows = [tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in chunk]
+        cut += sum(len(ids) > max_length - 1 for ids in rows)
+        rows = [ids[: max_length - 1] for ids in rows]
         characters += [len(tokenizer.decode(ids)) for ids in rows]
         width = 1 + max(len(ids) for ids in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -85,6 +86,10 @@ def language_modeling(model, texts: list[str], domain: str | None = None, routin
                                                    ignore_index=-100)
         nll += losses.sum(dim=1).tolist()
         tokens += (targets != -100).sum(dim=1).tolist()
+    if cut:
+        logger.warning(f"{description}: {cut} of {len(texts)} texts are longer than {max_length - 1} tokens; only "
+                       "their first tokens (and characters) are measured. Raise max_length (--max-length) to measure "
+                       "them whole.")
     return load_metric("bits_per_character").compute(
         negative_log_likelihoods=nll, num_tokens=tokens, num_characters=characters)
 
@@ -166,9 +171,13 @@ def read_data_specs(specs: list[str], text_column: str = "text", max_samples: in
         path, _, column = source.partition(":")
         column = column or text_column
         rows = read_text_file(path, column, role=f"--data file for {name!r}")
-        texts = [t for t in rows[column] if t and t.strip()][:max_samples]
+        texts = [t for t in rows[column] if t and t.strip()]
         if not texts:
             raise ValueError(f"The --data file for {name!r} {path} holds no text in column {column!r}.")
+        if len(texts) < len(rows):
+            logger.warning(f"The --data file for {name!r} {path} has {len(rows) - len(texts)} of {len(rows)} rows "
+                           f"without text in column {column!r}: they are left out.")
+        texts = texts[:max_samples]
         data.setdefault(None if name == NONE_ROUTE else name, []).extend(texts)  # a name may come from several files
     return data
 
@@ -195,7 +204,7 @@ def evaluation_report(model, data: dict[str | None, list[str]], routing: str = "
 
 def format_report(report: dict) -> str:
     """`evaluation_report` as a table for people."""
-    lines = [f"{'texts':<16} {'route':<36} {'texts':>6} {'perplexity':>11} {'bits/char':>10}"]
+    lines = [f"{'data':<16} {'route':<36} {'texts':>6} {'perplexity':>11} {'bits/char':>10}"]
     for mode in ("token", "gate"):
         for route, result in report.get(mode, {}).items():
             label = route_label(None if route == NONE_ROUTE else route, mode)
@@ -206,7 +215,7 @@ def format_report(report: dict) -> str:
         per_route = ", ".join(f"{route} {value:.1%}" for route, value in accuracy["per_route"].items())
         lines.append(f"\ngate routing accuracy: {accuracy['accuracy']:.1%} ({per_route})")
     if "forgetting" in report:
-        lines.append(f"\n{'texts':<16} {'bits/char: reference':>21} {'model':>10} {'change':>10}")
+        lines.append(f"\n{'data':<16} {'bits/char: reference':>21} {'model':>10} {'change':>10}")
         for route, change in report["forgetting"].items():
             lines.append(f"{route:<16} {change['reference']:>21.4f} {change['model']:>10.4f} "
                          f"{change['change']:>+10.4f}")

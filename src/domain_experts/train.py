@@ -199,16 +199,10 @@ def load_text_datasets(config: TrainingConfig) -> tuple[datasets.Dataset, datase
         train = read_text_file(config.train_file, column, role="training file")
         validation = read_text_file(config.validation_file, column, role="validation file") if (
             config.validation_file) else None
-    has_text = lambda row: bool(row[column] and row[column].strip())  # noqa: E731
-    train = train.filter(has_text, desc="Dropping training rows without text")
     source = config.train_file or config.dataset
-    if len(train) == 0:
-        raise ValueError(f"The training data is empty ({source}): no row has text in column {column!r}.")
+    train = _rows_with_text(train, column, "training data", source)
     if validation is not None:
-        validation = validation.filter(has_text, desc="Dropping validation rows without text")
-        if len(validation) == 0:
-            raise ValueError(f"The validation data is empty ({config.validation_file or config.dataset}): no row has "
-                             f"text in column {column!r}.")
+        validation = _rows_with_text(validation, column, "validation data", config.validation_file or config.dataset)
     else:
         held_out = max(1, len(train) * config.validation_split_percentage // 100)
         if held_out >= len(train):
@@ -222,6 +216,17 @@ def load_text_datasets(config: TrainingConfig) -> tuple[datasets.Dataset, datase
     if config.max_eval_samples:
         validation = validation.select(range(min(config.max_eval_samples, len(validation))))
     return train, validation
+
+
+def _rows_with_text(rows: datasets.Dataset, column: str, what: str, source: str) -> datasets.Dataset:
+    """`rows` without those whose text is empty or blank (saying how many were dropped); none left is an error."""
+    kept = rows.filter(lambda row: bool(row[column] and row[column].strip()), desc=f"Checking the {what}")
+    if len(kept) == 0:
+        raise ValueError(f"The {what} is empty ({source}): no row has text in column {column!r}.")
+    if len(kept) < len(rows):
+        logger.warning(f"The {what} ({source}) has {len(rows) - len(kept)} of {len(rows)} rows without text in "
+                       f"column {column!r}: they are left out.")
+    return kept
 
 
 def model_to_train(config: TrainingConfig, train_texts: list[str]):
