@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import textwrap
 
 from transformers.utils import logging
 
@@ -63,7 +64,11 @@ def run_serve(args: argparse.Namespace) -> None:
     from ..modeling_domain_experts import DomainExpertsForCausalLM
 
     api_key = args.api_key or os.environ.get(API_KEY_ENVIRONMENT_VARIABLE) or None
-    check_host(args.host, api_key)  # before the model loads: a refused start should be quick
+    # Everything that can refuse the start is checked before the model loads.
+    check_host(args.host, api_key)
+    if args.max_batch_size < 1 or args.batch_wait_ms < 0:
+        raise ValueError(f"--max-batch-size must be at least 1 and --batch-wait-ms at least 0, got "
+                         f"{args.max_batch_size} and {args.batch_wait_ms}.")
     hub_kwargs = {key: value for key, value in (("revision", args.revision), ("token", args.token)) if value}
     model = DomainExpertsForCausalLM.from_pretrained(args.model, **hub_kwargs)
     for spec in args.domain_pack or []:
@@ -77,13 +82,20 @@ def run_serve(args: argparse.Namespace) -> None:
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:
     """Add `serve` to the `domain-experts` subcommands."""
+    description = textwrap.fill(
+        "Serve a composed model: POST /v1/completions and /v1/chat/completions (OpenAI), POST /generate (TGI), GET "
+        "/v1/models. A request's \"model\" is a domain name, `base` (the bare backbone) or `auto` (the learned gate "
+        "decides); concurrent requests of any routes run as one mixed batch.", width=100)
     parser = commands.add_parser(
-        "serve",
-        help="serve a composed model over an OpenAI-compatible HTTP API, one route per domain",
-        description="Serve a composed model: POST /v1/completions and /v1/chat/completions (OpenAI), POST /generate "
-                    "(TGI), GET /v1/models. A request's \"model\" is a domain name, `base` (the bare backbone) or "
-                    "`auto` (the learned gate decides); concurrent requests of any routes run as one mixed batch.",
-    )
+        "serve", help="serve a composed model over an OpenAI-compatible HTTP API, one route per domain",
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"""\
+examples:
+  domain-experts serve runs/recipes/model
+  domain-experts serve carol/composed --revision 0f3c2a1 --domain-pack law=bob/legal@v1 --port 8080
+  {API_KEY_ENVIRONMENT_VARIABLE}=... domain-experts serve carol/composed --revision 0f3c2a1 --host 0.0.0.0
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{{"model": "recipes", "prompt": "Title: Pancakes", "max_tokens": 40}}'
+""")
     parser.add_argument("model", help="a saved DomainExperts model: a folder or a Hub repo id")
     parser.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit to serve (pin one)")
     parser.add_argument("--token", help="a Hugging Face token (default: HF_TOKEN or the saved login)")
