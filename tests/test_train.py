@@ -385,3 +385,14 @@ def test_rows_without_text_are_left_out_saying_so(tmp_path, caplog):
         train_rows, validation_rows = load_text_datasets(config)
     assert train_rows["text"] == validation_rows["text"] == ["Soup", "Stew", "Pie"]
     assert caplog.text.count(f"({data}) has 3 of 6 rows without text in column 'text': they are left out.") == 2
+
+
+def test_a_second_run_on_the_same_folder_stops_at_once(tiny_model_dir, tmp_path):
+    from domain_experts.files import working_in_folder
+
+    with working_in_folder(tmp_path / "run", "a training run"):  # as a first run in another process would
+        with pytest.raises(OSError, match="run is in use by another process \\(a training run\\)"):
+            train(small_config(tiny_model_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    train(small_config(tiny_model_dir, tmp_path / "run", max_steps=1))
+    assert (tmp_path / "run" / "model" / "config.json").is_file()

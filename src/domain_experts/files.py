@@ -192,6 +192,23 @@ def reading_folder(folder: str | os.PathLike) -> Iterator[Path]:
         lock.release()
 
 
+@contextmanager
+def working_in_folder(folder: str | os.PathLike, work: str) -> Iterator[Path]:
+    """Hold `folder` for one long piece of `work` (a training run) that writes into it over time: a second process
+    wanting the same folder gets an `OSError` at once instead of mixing its files with the first one's."""
+    folder = Path(folder)
+    lock = FileLock(str(_lock_path(folder.parent / f"{folder.name}.work")), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OSError(f"{folder} is in use by another process ({work}): wait for it to finish, or choose another "
+                      "folder.") from None
+    try:
+        yield folder
+    finally:
+        lock.release()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading what we wrote, and checking it is still what we wrote
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,6 +393,7 @@ __all__ = [
     "reading_folder",
     "remove_folder",
     "verify_folder_manifest",
+    "working_in_folder",
     "write_file_atomically",
     "write_folder_atomically",
     "writing_folder",

@@ -60,6 +60,7 @@ from .files import (
     read_text_file,
     remove_folder,
     verify_folder_manifest,
+    working_in_folder,
     write_file_atomically,
     write_folder_atomically,
     writing_folder,
@@ -578,7 +579,17 @@ def evaluate_loss(model, dataloader, accelerator: Accelerator) -> dict:
 
 
 def train(config: TrainingConfig):
-    """Run training as `config` says; return the trained model (unwrapped) after saving it to `output_dir/model`."""
+    """Run training as `config` says; return the trained model (unwrapped) after saving it to `output_dir/model`.
+
+    The run folder is held for the whole run: a second run started on the same folder stops at once with an error.
+    """
+    with ExitStack() as stack:
+        if os.environ.get("RANK", "0") == "0":  # the main process (Accelerate is not set up yet)
+            stack.enter_context(working_in_folder(config.output_dir, "a training run"))
+        return _train(config)
+
+
+def _train(config: TrainingConfig):
     _validate(config)
     output_dir = Path(config.output_dir)
     train_rows, validation_rows = load_text_datasets(config)
