@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from backbones import tiny_backbone, tiny_tokenizer
 from huggingface_hub import InferenceClient
 from openai_server import free_port
 
+import domain_experts
 from domain_experts import DomainExpertsForCausalLM
 from domain_experts.gate import train_gate
 from domain_experts.serving import add_serve_command
@@ -396,6 +398,25 @@ def test_serve_refuses_other_hosts_without_an_api_key_before_loading_anything(mo
     add_serve_command(parser.add_subparsers())
     for action in parser._subparsers._group_actions[0].choices["serve"]._actions:
         assert action.help, action.dest  # help text on every option
+
+
+def test_serve_help_imports_nothing_heavy():
+    # As tests/test_cli.py checks for the other commands: the package's own __init__ is skipped.
+    code = textwrap.dedent(f"""
+        import argparse, contextlib, io, sys, types
+        package = types.ModuleType("domain_experts")
+        package.__path__ = [{os.path.dirname(domain_experts.__file__)!r}]
+        sys.modules["domain_experts"] = package
+        from domain_experts.serving import add_serve_command
+        parser = argparse.ArgumentParser()
+        add_serve_command(parser.add_subparsers())
+        with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+            parser.parse_args(["serve", "--help"])
+        print(sorted(m for m in ("torch", "transformers", "fastapi", "uvicorn") if m in sys.modules))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")

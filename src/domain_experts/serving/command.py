@@ -1,13 +1,12 @@
-"""`domain-experts serve`, and `serve`, the function behind it."""
+"""`domain-experts serve`, and `serve`, the function behind it.
+
+Nothing heavy is imported until the command runs (torch and transformers load with the model), so `--help` answers at
+once.
+"""
 
 import argparse
 import os
 import textwrap
-
-from transformers.utils import logging
-
-
-logger = logging.get_logger(__name__)
 
 API_KEY_ENVIRONMENT_VARIABLE = "DOMAIN_EXPERTS_API_KEY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -42,6 +41,9 @@ def serve(
         log_level: uvicorn's log level.
     """
     check_host(host, api_key)
+    from transformers.utils import logging
+
+    logger = logging.get_logger(__name__)
     try:
         import uvicorn
 
@@ -60,8 +62,12 @@ def serve(
 
 def run_serve(args: argparse.Namespace) -> None:
     """Load the model (and packs) named by `args`, then serve it."""
+    from transformers.utils import logging
+
     from ..cli import parse_pack_spec
     from ..modeling_domain_experts import DomainExpertsForCausalLM
+
+    logger = logging.get_logger(__name__)
 
     api_key = args.api_key or os.environ.get(API_KEY_ENVIRONMENT_VARIABLE) or None
     # Everything that can refuse the start is checked before the model loads.
