@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 from .augment.cli import add_augment_command
-from .files import check_location
+from .files import TEXT_FILE_BUILDERS, check_location
 from .training_config import TRAIN_EXAMPLES, add_training_arguments, training_config_from_arguments
 
 
@@ -264,7 +264,7 @@ examples:
 def _data_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--data", action="append", required=True, metavar="NAME=PATH[:COLUMN]",
                         help=f"{what} of a domain NAME, or of 'none' (the bare backbone's own kind of text), in a "
-                             ".jsonl/.json/.csv/.parquet/.txt file; repeatable, files of one NAME add up")
+                             f"{'/'.join(TEXT_FILE_BUILDERS)} file; repeatable, files of one NAME add up")
     parser.add_argument("--text-column", default="text",
                         help="the column holding the text, where a --data spec names none (default: text)")
     parser.add_argument("--max-samples", type=int, help="use the first N texts of each file")

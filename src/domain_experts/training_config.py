@@ -10,6 +10,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from .files import TEXT_FILE_BUILDERS
+
 
 # Settings that do not change what a run computes, so a resumed run may change them.
 RESUMABLE_SETTINGS = frozenset({"output_dir", "resume", "overwrite", "report_to", "checkpoint_steps",
@@ -66,7 +68,7 @@ class TrainingConfig:
     dataset_config: str | None = field(default=None, metadata=_flag(
         "With --dataset: the dataset's configuration name.", "data"))
     train_file: str | None = field(default=None, metadata=_flag(
-        "The training text: a .jsonl, .json, .csv, .parquet or .txt file (a .txt file holds one text per line).",
+        f"The training text: a {', '.join(TEXT_FILE_BUILDERS)} file (a .txt file holds one text per line).",
         "data"))
     validation_file: str | None = field(default=None, metadata=_flag(
         "Held-out text of the same kind, for the validation loss.", "data"))

@@ -24,7 +24,7 @@ examples:
 
 
 def load_rows(path: str, split: str = "train", role: str = "data file"):
-    """Rows from a .jsonl/.json/.csv/.parquet/.txt file (`files.read_text_file`), or from a `save_to_disk` folder."""
+    """Rows from a data file (`files.read_text_file`: json, jsonl, csv, parquet, txt) or a `save_to_disk` folder."""
     location = Path(path)
     if location.is_dir():
         from datasets import DatasetDict, load_from_disk
