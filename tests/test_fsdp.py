@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-from accelerate.utils.launch import prepare_multi_gpu_env
 from backbones import tiny_backbone, tiny_tokenizer
 from safetensors.torch import load_file
 
@@ -31,18 +29,23 @@ FSDP_CONFIG = EXAMPLES / "fsdp_config.yaml"
 DEEPSPEED_CONFIG = EXAMPLES / "deepspeed_zero2_config.yaml"
 
 
-def launch_environment(config_file: Path) -> dict[str, str]:
-    """The environment `accelerate launch --config_file config_file` gives each process."""
-    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "domain_experts.cli", "train"])
-    args, _, _ = _validate_launch_command(args)
-    return prepare_multi_gpu_env(args)
+def launch_environment(config_file: Path, tmp_path: Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file config_file` gives a process (read by a launched script)."""
+    script = tmp_path / "environment.py"
+    script.write_text("import json, os\nprint(json.dumps(dict(os.environ)))\n")
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                               "--num_processes", "1", str(script)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    return json.loads(launched.stdout.strip().splitlines()[-1])
 
 
-def test_fsdp_config_shards_every_decoder_layer_and_expansion_block(monkeypatch):
+def test_fsdp_config_shards_every_decoder_layer_and_expansion_block(monkeypatch, tmp_path):
     config = load_config_from_file(str(FSDP_CONFIG))
     assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
-    for name, value in launch_environment(FSDP_CONFIG).items():
-        monkeypatch.setenv(name, value)
+    for name, value in launch_environment(FSDP_CONFIG, tmp_path).items():
+        if name.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):  # not the process group's RANK, MASTER_ADDR, ...
+            monkeypatch.setenv(name, value)
     plugin = FullyShardedDataParallelPlugin()  # reads the launch environment, as in each launched process
     assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
 
