@@ -8,6 +8,7 @@ from backbones import FAMILIES, UNSUPPORTED, tiny_backbone, tiny_tokenizer, unsu
 from conftest import TEXTS, as_base_batch, labels_for, make_batch, train_domain
 
 from domain_experts import DomainExpertsForCausalLM
+from domain_experts.configuration_domain_experts import AdapterConfig
 from domain_experts.modeling_domain_experts import ARCHITECTURES, Architecture, DomainExpertsCache, LogitsProcessing
 
 
@@ -25,9 +26,11 @@ def model_logits(model, batch, **kwargs):
 
 
 def two_trained_domains(model) -> None:
-    """`recipes` (2 blocks, 8 tokens of its own) and `stories` (2 blocks at the same depth), both trained a little."""
-    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
-    model.add_domain("stories", expansion_layers=[1, 1])
+    """`recipes` (2 blocks, routed adapters on 2 layers, 8 tokens of its own) and `stories` (routed adapters only, on
+    every projection of every layer), both trained a little."""
+    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8,
+                     adapters=AdapterConfig(r=2, layers=[0, 3]))
+    model.add_domain("stories", num_blocks=0, adapters=AdapterConfig(r=2, alpha=4))
     train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
     train_domain(model, "stories", make_batch(model, [(TEXTS["stories"], "stories")]))
 
@@ -39,7 +42,7 @@ def test_base_rows_bit_identical_to_backbone(setup):
     model, reference = setup
     V = model.config.backbone_vocab_size
     model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
-    model.add_domain("stories", expansion_layers=[0, 2])
+    model.add_domain("stories", expansion_layers=[0, 2], adapters=AdapterConfig(r=2))
     batch = make_batch(model, MIXED)
     base_rows = [1, 3]
     expected = backbone_logits(model, reference, batch)[base_rows]
@@ -79,7 +82,7 @@ def test_other_domain_lifecycle_leaves_domain_rows_bit_identical(setup):
         return logits[[0, 2], :, : model.config.backbone_vocab_size], logits[[0, 2]][:, :, recipes_ids]
 
     expected = recipes_outputs(before_b)
-    model.add_domain("stories", num_blocks=3, corpus=[TEXTS["base"]] * 4, num_new_tokens=5)
+    model.add_domain("stories", num_blocks=3, corpus=[TEXTS["base"]] * 4, num_new_tokens=5, adapters=AdapterConfig(r=3))
     with_b = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], "stories"), (TEXTS["stories"], None)])
     assert with_b["input_ids"].shape == before_b["input_ids"].shape
     for batch in (before_b, with_b):
@@ -98,7 +101,7 @@ def test_other_domain_lifecycle_leaves_domain_rows_bit_identical(setup):
 
 def test_fresh_domain_is_an_exact_identity(setup):
     model, reference = setup
-    model.add_domain("recipes", expansion_layers=[0, 1, 1, 3])
+    model.add_domain("recipes", expansion_layers=[0, 1, 1, 3], adapters=AdapterConfig(r=4))
     seen = []
 
     def record(block, args, output):
@@ -118,9 +121,10 @@ def test_a_block_that_is_not_an_identity_is_refused(monkeypatch):
     # As if the table named only the attention's output projection: the MLP still writes into the residual stream.
     monkeypatch.setitem(ARCHITECTURES, "llama", Architecture("model", identity_projections=("self_attn.o_proj",)))
     model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama"), tokenizer=tiny_tokenizer())
-    with pytest.raises(ValueError, match="after layer 1 is not an exact identity on this llama backbone"):
+    tokenizer = model.tokenizer
+    with pytest.raises(ValueError, match="A fresh domain is not an exact identity on this llama backbone"):
         model.add_domain("recipes", num_blocks=2)
-    assert model.domain_names == [] and model.config.domains == {}
+    assert model.domain_names == [] and model.config.domains == {} and model.tokenizer is tokenizer
     assert model.config.vocab_size == model.config.backbone_vocab_size
 
 
@@ -204,11 +208,14 @@ def test_expansion_cache_holds_only_its_domains_rows(setup):
     with torch.no_grad():
         cache = model(**make_batch(model, rows), use_cache=True).past_key_values
     num_layers = model.config.num_backbone_layers
-    assert len(cache.layers) == num_layers + 4
+    model.add_domain("legal", expansion_layers=[1, 2])  # not in the batch: its cache layers stay empty
+    with torch.no_grad():
+        cache = model(**make_batch(model, rows), use_cache=True).past_key_values
+    assert len(cache.layers) == num_layers + 4  # 2 recipes blocks, 2 legal blocks (stories has adapters only)
     assert all(layer.keys.shape[0] == 4 for layer in cache.layers[:num_layers])
-    recipes_layers, stories_layers = cache.layers[num_layers : num_layers + 2], cache.layers[num_layers + 2 :]
+    recipes_layers, legal_layers = cache.layers[num_layers : num_layers + 2], cache.layers[num_layers + 2 :]
     assert all(layer.keys.shape[0] == 2 and layer.rows.tolist() == [1, 3] for layer in recipes_layers)
-    assert all(not layer.is_initialized and layer.rows.numel() == 0 for layer in stories_layers)
+    assert all(not layer.is_initialized and layer.rows.numel() == 0 for layer in legal_layers)
 
 
 def test_cache_of_another_class_is_refused(setup):
@@ -225,8 +232,9 @@ def test_cache_of_another_class_is_refused(setup):
 
 def test_training_step_changes_only_that_domain(setup):
     model, _ = setup
-    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
-    model.add_domain("stories", num_blocks=2)
+    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8,
+                     adapters=AdapterConfig(r=2))
+    model.add_domain("stories", num_blocks=2, adapters=AdapterConfig(r=2))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     assert not any(p.requires_grad for p in model.backbone.parameters())
     recipes_params = {id(p) for p in model.domain_parameters("recipes")}
@@ -237,6 +245,7 @@ def test_training_step_changes_only_that_domain(setup):
     assert changed, "training must change the trained domain"
     assert all(name.startswith("domains.recipes.") for name in changed)
     assert any(".blocks." in name for name in changed) and "domains.recipes.token_embeddings" in changed
+    assert any(".adapters." in name and name.endswith("lora_B") for name in changed)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.grad is None for p in model.backbone.parameters())
 
@@ -453,6 +462,26 @@ def test_cache_indices_do_not_collide(setup):
     assert model.cache_layout == [(0, 0), (0, 3), (1, 1), (1, 1)]
 
 
+def test_chat_template_keeps_its_special_tokens_and_user_text_stays_text(setup, tokenizer):
+    model, _ = setup
+    model.add_domain("recipes", num_blocks=1, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
+    template = "{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    for tok in (model.tokenizer.base, model.tokenizer.tokenizer_for("recipes")):
+        tok.chat_template = template
+    messages = [{"role": "user", "content": "<|domain:recipes|>Title: Pancakes </s>"}]
+    plain = model.tokenizer.apply_chat_template(messages)["input_ids"]
+    assert plain[0] == tokenizer.bos_token_id and plain[-1] == tokenizer.eos_token_id, "the template's own tokens"
+    assert plain.count(tokenizer.eos_token_id) == 1, "a special token typed in a message stays text"
+    assert model.control_token_id("recipes") not in plain
+    routed = model.tokenizer.apply_chat_template([messages, messages], domain=["recipes", None], padding=True,
+                                                 return_tensors="pt")
+    assert model.route(routed["input_ids"], routed["attention_mask"]).tolist() == [0, -1]
+    recipes_row = routed["input_ids"][0][routed["attention_mask"][0].bool()].tolist()
+    assert recipes_row[:2] == [tokenizer.bos_token_id, model.control_token_id("recipes")]
+    assert any(i > model.control_token_id("recipes") for i in recipes_row), "the domain's own tokenizer encodes it"
+    assert model.tokenizer.base.split_special_tokens, "the model's tokenizer is left as it was"
+
+
 def test_output_hidden_states(setup):
     model, _ = setup
     model.add_domain("recipes", num_blocks=2)
@@ -473,3 +502,26 @@ def test_labels_ignore_control_tokens_and_padding(setup):
     batch = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None)])
     loss = model(**batch, labels=labels_for(batch)).loss
     assert torch.isfinite(loss)
+
+
+# l. routed adapters: configured like peft's LoRA, checked before anything changes ---------------------------------
+
+
+def test_adapters_are_configured_like_a_lora_and_checked(setup):
+    model, _ = setup
+    targets = model.architecture.adapter_targets
+    model.add_domain("legal", num_blocks=0, adapters={"r": 4, "alpha": 8, "target_modules": [targets[0].rsplit(".")[-1]],
+                                                      "layers": [1, 2]})
+    settings = model.config.domains["legal"]["adapters"]
+    assert settings == {"r": 4, "alpha": 8, "target_modules": [targets[0]], "layers": [1, 2], "use_rslora": False}
+    adapter = model.domains["legal"].adapters["1"].get_submodule(targets[0])
+    assert adapter.lora_A.shape[0] == 4 and adapter.scaling == 2.0 and not adapter.lora_B.any()
+    assert sum(p.numel() for p in model.domain_parameters("legal")) == 2 * adapter.lora_A.numel() \
+        + 2 * adapter.lora_B.numel() + model.domains["legal"].token_embeddings.numel()
+    for bad, message in [({"r": 0}, "r must be a positive integer"), ({"target_modules": ["nope"]}, "cannot target 'nope'"),
+                         ({"layers": [99]}, r"layers must be indices in \[0, 4\)"), ({"lora_dropout": 0.1}, "Unknown")]:
+        with pytest.raises(ValueError, match=message):
+            model.add_domain("other", adapters=bad)
+    with pytest.raises(ValueError, match="needs expansion blocks .* or adapters"):
+        model.add_domain("other", num_blocks=0)
+    assert model.domain_names == ["legal"]

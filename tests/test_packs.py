@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from domain_experts import DomainExpertsForCausalLM
 from domain_experts.cli import main
+from domain_experts.configuration_domain_experts import AdapterConfig
 from domain_experts.data import load_texts
 from domain_experts.packs import (
     MANIFEST_NAME,
@@ -55,8 +56,10 @@ def with_recipes(family: str = "llama", tokens: bool = True, seed: int = 0) -> D
 
 
 def with_stories(family: str = "llama") -> DomainExpertsForCausalLM:
+    """A model with a trained `stories` domain: blocks, routed adapters and tokens of its own."""
     model = new_model(family)
-    model.add_domain("stories", expansion_layers=[0, 0, 2], corpus=load_texts("stories", "validation"), num_new_tokens=20)
+    model.add_domain("stories", expansion_layers=[0, 0, 2], corpus=load_texts("stories", "validation"), num_new_tokens=20,
+                     adapters=AdapterConfig(r=2, layers=[1, 3]))
     train_domain(model, "stories", make_batch(model, [(STORY, "stories")]))
     return model
 
@@ -344,15 +347,15 @@ def test_manifest_validation_names_the_field(plain, tmp_path):
     assert PackManifest.from_dict(PackManifest.from_dict(manifest).to_dict()) == PackManifest.from_dict(manifest)
     for field, value, match in [
         ("format", "something.else", "'format' must be 'domain_experts.pack'"),
-        ("expansion_layers", [], "'expansion_layers' must be a non-empty list"),
+        ("expansion_layers", [], "'expansion_layers' must be a list of layer indices \\(non-empty unless the domain has adapters"),
         ("tokens", ["a", "a"], "'tokens' must be a list of distinct"),
         ("gate", {"trained": "yes", "layer": 0}, "'gate' must be"),
         ("name", "two words", "'name' must be a domain name"),
     ]:
         with pytest.raises(PackError, match=match):
             PackManifest.from_dict({**manifest, field: value})
-    with pytest.raises(PackError, match="format version 2; .* reads up to version 1. Upgrade"):
-        PackManifest.from_dict({**manifest, "format_version": 2})
+    with pytest.raises(PackError, match="format version 3; .* reads up to version 2. Upgrade"):
+        PackManifest.from_dict({**manifest, "format_version": 3})
     (folder / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(PackError, match="not valid JSON"):
         new_model().load_domain(folder)
@@ -835,3 +838,23 @@ def test_a_private_pack_in_a_warm_cache_still_needs_access(hub_server, users, pl
     offline = new_model()
     offline.load_domain("alice/secret")
     assert_same_outputs(row_outputs(offline, RECIPE_ROWS), plain.outputs)
+
+
+def test_a_pack_of_adapters_only_moves_between_models(tmp_path):
+    source = new_model("qwen2")
+    source.add_domain("legal", num_blocks=0, adapters=AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    train_domain(source, "legal", make_batch(source, [(TEXTS["base"], "legal")]))
+    rows = [(TEXTS["base"], "legal"), (TEXTS["stories"], None)]
+    folder = source.save_domain("legal", tmp_path / "pack")
+    manifest = PackManifest.from_folder(folder)
+    assert manifest.format_version == 2 and manifest.expansion_layers == []
+    assert manifest.adapters["target_modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert "adapters.0.self_attn.q_proj.lora_A" in manifest.tensors
+    assert "rank-4 low-rank adapters" in (folder / "README.md").read_text()
+    target = new_model("qwen2")
+    target.load_domain(folder)
+    assert_same_outputs(row_outputs(target, rows), row_outputs(source, rows))
+    # A manifest naming a layer the backbone does not have is refused before any weight is read.
+    rewrite_pack(folder, edit_manifest=lambda m: m["adapters"].update(target_modules=["self_attn.nope"]), rehash=False)
+    with pytest.raises(PackError, match="Adapters cannot target 'self_attn.nope'"):
+        new_model("qwen2").load_domain(folder)

@@ -16,6 +16,7 @@ from conftest import TEXTS, make_batch, train_domain
 from transformers import AutoModelForCausalLM
 
 from domain_experts import DomainExpertsForCausalLM
+from domain_experts.configuration_domain_experts import AdapterConfig
 
 
 REMOTE_CODE = ["configuration_domain_experts.py", "modeling_domain_experts.py", "tokenization_domain_experts.py"]
@@ -24,8 +25,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "release_0_1_0"
 
 def trained_model(setup):
     model, _ = setup
-    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
-    model.add_domain("stories", expansion_layers=[1])  # left untrained: its blocks must load back as exact identities
+    model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8,
+                     adapters=AdapterConfig(r=2, layers=[0, 2]))
+    # Left untrained: its blocks and adapters must load back as exact identities.
+    model.add_domain("stories", expansion_layers=[1], adapters=AdapterConfig(r=2))
     train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
     return model
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from backbones import tiny_backbone
+from backbones import tiny_backbone, tiny_tokenizer
 from conftest import as_base_batch, labels_for, make_batch, train_domain
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -304,3 +304,16 @@ def test_presets_have_the_documented_sizes(preset, stories_tokenizer):
     documented = backbone_parameters(preset, 4096)
     assert f"{documented:,}" in scratch.__doc__
     assert model.config.vocab_size == 1024 and model.config.tie_word_embeddings
+
+
+def test_extension_keeps_special_tokens_added_after_the_vocabulary():
+    """Chat tokens added after a BPE vocabulary (ids past it) keep their ids when a domain extends the tokenizer."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama", vocab_size=len(tokenizer), tokenizer=tokenizer),
+                                                   tokenizer=tokenizer)
+    model.add_domain("recipes", num_blocks=1, corpus=load_texts("recipes", "validation"), num_new_tokens=20)
+    domain_tokenizer = model.tokenizer.tokenizer_for("recipes")
+    assert domain_tokenizer.convert_tokens_to_ids("<|user|>") == user == model.tokenizer.convert_tokens_to_ids("<|user|>")
+    assert min(model.config.domains["recipes"]["token_ids"]) >= len(tokenizer)

@@ -5,7 +5,10 @@ This file is copied next to every saved model and loaded with `trust_remote_code
 `transformers` and must stay self-contained.
 """
 
+import dataclasses
+import math
 import re
+from dataclasses import dataclass
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -32,10 +35,54 @@ def control_token_for(domain_name: str) -> str:
     return f"<|domain:{domain_name}|>"
 
 
+@dataclass
+class AdapterConfig:
+    """Routed low-rank adapters of one domain: a delta `B @ A * scaling` on some of the backbone's linear layers, applied
+    to that domain's rows only (the same parameters as peft's `LoraConfig`, for the same method).
+
+    Args:
+        r: the rank of each delta.
+        alpha: the scaling numerator: `scaling = alpha / r` (or `alpha / sqrt(r)` with `use_rslora`).
+        target_modules: the linear layers adapted, by the last part of their name in a decoder layer (`"q_proj"`,
+            `"down_proj"`, ...), or `"all-linear"` for every one the architecture table lists for the backbone.
+        layers: the backbone layers adapted (default: all).
+        use_rslora: rank-stabilised scaling, as in peft.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] | str = "all-linear"
+    layers: list[int] | None = None
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"AdapterConfig.r must be a positive integer, got {self.r!r}.")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]
+        if not self.target_modules:
+            raise ValueError("AdapterConfig.target_modules must name at least one linear layer (or be 'all-linear').")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AdapterConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown AdapterConfig fields {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+
 class DomainExpertsConfig(PretrainedConfig):
     r"""
     Configuration of a [`DomainExpertsForCausalLM`]: a frozen backbone causal LM plus, for each domain, expansion
-    blocks and domain-owned token embeddings.
+    blocks, routed low-rank adapters and domain-owned token embeddings.
 
     Args:
         backbone_config (`dict` or `PretrainedConfig`):
@@ -47,6 +94,9 @@ class DomainExpertsConfig(PretrainedConfig):
             - `"token_ids"` (`list[int]`): the ids of the tokens the domain owns; the first is its control token.
             - `"tokens"` (`list[str]`): the strings of those tokens.
             - `"gate"` (`bool`): whether the domain's gate entry is trained (only then may the gate route to it).
+            - `"adapters"` (`dict`, *optional*): the domain's routed low-rank adapters, an `AdapterConfig` as a dict,
+              with `target_modules` resolved to paths inside a decoder layer and `layers` to a list.
+            - `"pack"` (`dict`, *optional*): where the domain was loaded from (a pack's name, repo and revision).
         vocab_size (`int`, *optional*):
             Size of the id space: the backbone vocabulary plus every id ever given to a domain token. It only grows,
             so the ids of a removed domain are never reused for another one.
@@ -93,4 +143,4 @@ class DomainExpertsConfig(PretrainedConfig):
         return self.backbone_config.get_text_config(decoder=True).num_hidden_layers
 
 
-__all__ = ["DomainExpertsConfig", "check_domain_name", "control_token_for"]
+__all__ = ["AdapterConfig", "DomainExpertsConfig", "check_domain_name", "control_token_for"]

@@ -34,9 +34,10 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .configuration_domain_experts import DomainExpertsConfig, check_domain_name, control_token_for
+from .configuration_domain_experts import AdapterConfig, DomainExpertsConfig, check_domain_name, control_token_for
 from .tokenization_domain_experts import DomainExpertsTokenizer, backbone_pieces, extend_tokenizer, new_tokens_of
 
 
@@ -82,6 +83,7 @@ class Architecture:
         norm: attribute of the decoder: the norm applied after the last layer.
         identity_projections: paths, inside a decoder layer, of the projections that write into the residual stream.
             Zeroed (weights and biases) in a copy of the layer, they make it an exact identity (LLaMA Pro).
+        adapter_targets: paths, inside a decoder layer, of the linear layers a domain's routed adapters may adapt.
         inputs: how the decoder prepares its layers' inputs: `"rotary"` (one rotary embedding for all layers),
             `"rotary_per_layer_type"` (one per attention type, as in Gemma 3), `"learned_positions"` (added position
             embeddings, as in GPT-2).
@@ -96,6 +98,8 @@ class Architecture:
     layers: str = "layers"
     norm: str = "norm"
     identity_projections: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    adapter_targets: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     inputs: str = "rotary"
     cache_argument: str = "past_key_values"
     embedding_scale: str | None = None
@@ -116,7 +120,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture("model"),
     "qwen2": Architecture("model"),
     "qwen3": Architecture("model"),
-    "phi3": Architecture("model"),
+    "phi3": Architecture("model", adapter_targets=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                                   "mlp.down_proj")),
     "olmo2": Architecture("model"),
     "granite": Architecture("model", embedding_multiplier="embedding_multiplier",
                             logits_processing=LogitsProcessing("divide", "logits_scaling")),
@@ -125,9 +130,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3_text": Architecture("model", inputs="rotary_per_layer_type", embedding_scale="embed_scale",
                                 logits_processing=_SOFTCAP),
     "gpt2": Architecture("transformer", layers="h", norm="ln_f", identity_projections=("attn.c_proj", "mlp.c_proj"),
+                         adapter_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
                          inputs="learned_positions"),
     "gpt_neox": Architecture("gpt_neox", norm="final_layer_norm", cache_argument="layer_past",
-                             identity_projections=("attention.dense", "mlp.dense_4h_to_h")),
+                             identity_projections=("attention.dense", "mlp.dense_4h_to_h"),
+                             adapter_targets=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
+                                              "mlp.dense_4h_to_h")),
 }
 """Each supported backbone `model_type` and what the expansion needs of it. A family is added here once the core tests
 (tests/test_architectures.py) pass on a tiny random model of it."""
@@ -381,6 +389,101 @@ def set_cache_index(block: nn.Module, cache_index: int) -> None:
             module.layer_idx = cache_index
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer: an `nn.Linear`, or a GPT-2 style `Conv1D` (weight stored `(in,
+    out)`)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise TypeError(f"{type(module).__name__} is not a linear layer a low-rank adapter can adapt.")
+
+
+def resolve_adapters(architecture: Architecture, adapters: AdapterConfig | dict, num_layers: int) -> dict:
+    """An `AdapterConfig` with `target_modules` as paths inside a decoder layer and `layers` as a list, as the model
+    config stores it; a clear error for a module or layer the backbone does not have."""
+    if isinstance(adapters, dict):
+        adapters = AdapterConfig.from_dict(adapters)
+    by_name = {path.rsplit(".", 1)[-1]: path for path in architecture.adapter_targets}
+    names = list(by_name) if adapters.target_modules == "all-linear" else list(adapters.target_modules)
+    paths = []
+    for name in names:
+        path = name if name in architecture.adapter_targets else by_name.get(name)
+        if path is None:
+            raise ValueError(f"Adapters cannot target {name!r} on this backbone: its linear layers are "
+                             f"{', '.join(by_name)} (or 'all-linear').")
+        paths.append(path)
+    layers = list(range(num_layers)) if adapters.layers is None else sorted(set(adapters.layers))
+    if not layers or not all(isinstance(i, int) and 0 <= i < num_layers for i in layers):
+        raise ValueError(f"Adapter layers must be indices in [0, {num_layers}), got {adapters.layers}.")
+    return {**adapters.to_dict(), "target_modules": list(dict.fromkeys(paths)), "layers": layers}
+
+
+class LowRankAdapter(nn.Module):
+    """The low-rank delta `x @ A.T @ B.T * scaling` a domain adds to one backbone linear layer, for its rows only.
+
+    `lora_A` (`(r, in_features)`) starts as peft's (Kaiming-uniform), `lora_B` (`(out_features, r)`) at zero, so a
+    fresh adapter adds exact zeros.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dtype: torch.dtype):
+        super().__init__()
+        self.scaling = scaling
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        delta = nn.functional.linear(hidden_states.to(self.lora_A.dtype), self.lora_A)
+        return nn.functional.linear(delta, self.lora_B) * self.scaling
+
+
+class RoutedLinear(nn.Module):
+    """A backbone linear layer as one forward pass sees it: the layer on every row, plus each routed domain's low-rank
+    delta on that domain's rows only, so the other rows get exactly the layer's own output.
+
+    Built for one call (see `routed_layer`), never stored in the model.
+
+    Args:
+        linear (`nn.Module`): the backbone's layer (frozen, shared).
+        deltas (`list[tuple[torch.LongTensor, LowRankAdapter]]`): each routed domain's rows and adapter.
+        batch_size (`int`): rows in the batch.
+    """
+
+    def __init__(self, linear: nn.Module, deltas: list, batch_size: int):
+        super().__init__()
+        self.linear = linear
+        self.deltas = deltas
+        self.batch_size = batch_size
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = self.linear(hidden_states)
+        for rows, adapter in self.deltas:
+            if rows.numel() == self.batch_size:
+                output = output + adapter(hidden_states).to(output.dtype)
+            else:
+                output = output.index_add(0, rows, adapter(hidden_states.index_select(0, rows)).to(output.dtype))
+        return output
+
+
+def module_view(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """A shallow copy of `module` whose submodules at the `replacements` paths are replaced, for one call.
+
+    Only the modules on the way to a replaced one are copied (their attributes shared, their child lists new); every
+    parameter, buffer and every other submodule is the original. The originals are never changed, so concurrent calls
+    that each build their own view do not see each other's.
+    """
+    view = copy.copy(module)
+    view._modules = dict(module._modules)
+    children = {}
+    for path, replacement in replacements.items():
+        child, _, rest = path.partition(".")
+        children.setdefault(child, {})[rest] = replacement
+    for child, below in children.items():
+        view._modules[child] = below[""] if "" in below else module_view(module._modules[child], below)
+    return view
+
+
 class DomainExpansion(nn.Module):
     """The parameters one domain adds to the backbone.
 
@@ -395,6 +498,8 @@ class DomainExpansion(nn.Module):
         output_bias (`nn.Parameter` of shape `(num_tokens - 1,)`, or None): when the backbone's LM head has a bias.
         gate_weight (`nn.Parameter` of shape `(hidden_size,)`), gate_bias (`nn.Parameter` of shape `(1,)`): the
             domain's entry in the learned gate, a logistic score on the mean gate-layer hidden state of a prompt.
+        adapters (`nn.ModuleDict`): the routed low-rank adapters, `adapters[str(layer)]` mirroring the paths of the
+            adapted linear layers inside that decoder layer (`adapters["3"]["self_attn"]["q_proj"]`).
     """
 
     def __init__(
@@ -406,6 +511,7 @@ class DomainExpansion(nn.Module):
         hidden_size: int,
         untied_output: bool,
         output_bias: bool,
+        adapters: dict | None = None,
     ):
         super().__init__()
         self.blocks = nn.ModuleDict()
@@ -415,6 +521,19 @@ class DomainExpansion(nn.Module):
                 self.blocks[depth] = nn.ModuleList()
             self.blocks[depth].append(make_identity_block(decoder_layers[layer_index], identity_projections))
         dtype = next(decoder_layers[0].parameters()).dtype
+        self.adapters = nn.ModuleDict()
+        for layer_index in (adapters or {}).get("layers", []):
+            for path in adapters["target_modules"]:
+                in_features, out_features = linear_features(decoder_layers[layer_index].get_submodule(path))
+                adapter = LowRankAdapter(in_features, out_features, adapters["r"],
+                                         AdapterConfig.from_dict(adapters).scaling, dtype)
+                parent = self.adapters
+                *parents, leaf = [str(layer_index), *path.split(".")]
+                for part in parents:
+                    if part not in parent:
+                        parent[part] = nn.ModuleDict()
+                    parent = parent[part]
+                parent[leaf] = adapter
         self.token_embeddings = nn.Parameter(torch.zeros(num_tokens, hidden_size, dtype=dtype))
         num_vocabulary_tokens = num_tokens - 1
         self.output_embeddings = None
@@ -494,7 +613,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         self.tokenizer = tokenizer
         self.domains = nn.ModuleDict()
         for name, settings in config.domains.items():
-            self.domains[name] = self._new_domain_module(settings["expansion_layers"], len(settings["token_ids"]))
+            self.domains[name] = self._new_domain_module(settings["expansion_layers"], len(settings["token_ids"]),
+                                                         settings.get("adapters"))
         self._domains_changed()
         self.post_init()
 
@@ -601,21 +721,26 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         corpus=None,
         num_new_tokens: int | None = None,
         *,
+        adapters: AdapterConfig | dict | None = None,
         state_dict: dict[str, torch.Tensor] | None = None,
         gate_trained: bool = False,
         provenance: dict | None = None,
     ) -> None:
-        """Add a domain: expansion blocks that start as exact identities, a control token `<|domain:NAME|>`, and
-        optionally tokens of its own. Everything is checked before the model changes: a refused domain leaves it as it was.
+        """Add a domain: expansion blocks and routed low-rank adapters that start as exact identities, a control token
+        `<|domain:NAME|>`, and optionally tokens of its own. Everything is checked before the model changes, and a fresh
+        domain is checked to compute exactly what the backbone computes: a refused domain leaves the model as it was.
 
         Args:
             name: the domain's name (see `check_domain_name`: letters, digits, `_` and `-`).
             num_blocks: how many expansion blocks, spread evenly over the depth (block `i` follows the last layer of
-                the `i`-th of `num_blocks` equal groups of backbone layers, as in LLaMA Pro).
+                the `i`-th of `num_blocks` equal groups of backbone layers, as in LLaMA Pro); 0 for a domain of
+                adapters only.
             expansion_layers: instead of `num_blocks`, the backbone layer index after which each block runs.
             tokenizer: a ready domain tokenizer, a strict superset of the backbone's (e.g. from `extend_tokenizer`).
             corpus: instead of `tokenizer`, the domain's texts, from which `num_new_tokens` tokens are learned.
             num_new_tokens: how many tokens to learn from `corpus`.
+            adapters: routed low-rank adapters on the backbone's linear layers (an `AdapterConfig`, or its dict), applied
+                to this domain's rows only.
             state_dict: the domain's trained tensors (as `model.domains[name].state_dict()` gives them, e.g. from a
                 pack) instead of fresh identity blocks and embeddings initialised from the backbone's.
             gate_trained: whether the gate entry in `state_dict` is trained.
@@ -630,14 +755,17 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             raise ValueError(f"Domain {name!r} already exists; remove it first or pick another name.")
         num_layers = len(self.decoder_layers)
         if expansion_layers is None:
-            if not isinstance(num_blocks, int) or not 1 <= num_blocks <= num_layers:
-                raise ValueError(f"num_blocks must be between 1 and the backbone's {num_layers} layers, got {num_blocks}.")
+            if not isinstance(num_blocks, int) or not 0 <= num_blocks <= num_layers:
+                raise ValueError(f"num_blocks must be between 0 and the backbone's {num_layers} layers, got {num_blocks}.")
             expansion_layers = [(i + 1) * num_layers // num_blocks - 1 for i in range(num_blocks)]
-        if not expansion_layers or not all(isinstance(i, int) and 0 <= i < num_layers for i in expansion_layers):
-            raise ValueError(
-                f"expansion_layers must be a non-empty list of layer indices in [0, {num_layers}), got {expansion_layers}."
-            )
+        if not isinstance(expansion_layers, (list, tuple)) or not all(
+                isinstance(i, int) and 0 <= i < num_layers for i in expansion_layers):
+            raise ValueError(f"expansion_layers must be a list of layer indices in [0, {num_layers}), got {expansion_layers}.")
         expansion_layers = sorted(expansion_layers)
+        if adapters is not None:
+            adapters = resolve_adapters(self.architecture, adapters, num_layers)
+        if not expansion_layers and adapters is None:
+            raise ValueError(f"Domain {name!r} needs expansion blocks (num_blocks >= 1) or adapters (adapters=...).")
         if (tokenizer is not None or corpus is not None) and self.tokenizer is None:
             raise ValueError("Domain tokens need the backbone's tokenizer: pass it to from_backbone.")
         if tokenizer is not None and corpus is not None:
@@ -654,34 +782,47 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
 
         first_id = self.config.vocab_size
         token_ids = list(range(first_id, first_id + 1 + len(new_tokens)))
-        domain = self._new_domain_module(expansion_layers, len(token_ids))
+        domain = self._new_domain_module(expansion_layers, len(token_ids), adapters)
         if state_dict is None:
             self._init_token_embeddings(domain, new_tokens)
-            self._check_identity(domain)
         else:
             try:
                 domain.load_state_dict(state_dict, strict=True)
             except RuntimeError as error:
-                raise ValueError(f"The tensors given for domain {name!r} do not fit its blocks and tokens: {error}") from error
+                raise ValueError(f"The tensors given for domain {name!r} do not fit its blocks, adapters and tokens: "
+                                 f"{error}") from error
         new_tokenizer = None
         if self.tokenizer is not None:
             new_tokenizer = self.tokenizer.with_domain(name, token_ids, new_tokens, tokenizer)
 
-        # Everything is checked: the model changes from here on.
+        # Everything is checked: the model changes from here on (and back, if a fresh domain is not an identity).
+        previous = (self.config.vocab_size, self.tokenizer)
         self.domains[name] = domain
         self.config.domains[name] = {
             "expansion_layers": list(expansion_layers),
             "token_ids": token_ids,
             "tokens": [control_token_for(name), *new_tokens],
             "gate": bool(gate_trained),
+            **({"adapters": adapters} if adapters is not None else {}),
             **({"pack": dict(provenance)} if provenance else {}),
         }
         self.config.vocab_size = first_id + len(token_ids)
         self.tokenizer = new_tokenizer
         self._domains_changed()
+        if state_dict is None:
+            try:
+                self._check_identity(name)
+            except ValueError:
+                del self.domains[name]
+                del self.config.domains[name]
+                self.config.vocab_size, self.tokenizer = previous
+                self._domains_changed()
+                raise
         logger.info(
-            f"Added domain {name!r}: {len(expansion_layers)} blocks after layers {expansion_layers}, "
-            f"{control_token_for(name)}={first_id}, {len(new_tokens)} tokens of its own."
+            f"Added domain {name!r}: {len(expansion_layers)} blocks after layers {expansion_layers}"
+            + (f", rank-{adapters['r']} adapters on {len(adapters['target_modules'])} projections of "
+               f"{len(adapters['layers'])} layers" if adapters else "")
+            + f", {control_token_for(name)}={first_id}, {len(new_tokens)} tokens of its own."
         )
 
     def remove_domain(self, name: str) -> None:
@@ -712,9 +853,11 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             known = ", ".join(repr(n) for n in self.domains) or "none"
             raise KeyError(f"Unknown domain {name!r}; this model has: {known}.")
 
-    def domain_state_specs(self, expansion_layers: list[int], num_new_tokens: int) -> dict[str, tuple[torch.dtype, tuple]]:
-        """Name -> (dtype, shape) of every tensor of a domain with these blocks and `num_new_tokens` tokens of its own,
-        as `model.domains[name].state_dict()` would hold them (to check a pack before reading its weights)."""
+    def domain_state_specs(self, expansion_layers: list[int], num_new_tokens: int,
+                           adapters: AdapterConfig | dict | None = None) -> dict[str, tuple[torch.dtype, tuple]]:
+        """Name -> (dtype, shape) of every tensor of a domain with these blocks, `num_new_tokens` tokens of its own and
+        these adapters, as `model.domains[name].state_dict()` would hold them (to check a pack before reading its
+        weights)."""
         specs = {}
         layers = self.decoder_layers
         for depth in sorted(set(expansion_layers)):
@@ -724,6 +867,13 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                     specs[f"blocks.{depth}.{position}.{key}"] = (tensor.dtype, tuple(tensor.shape))
         embedding = self.backbone.get_input_embeddings().weight
         hidden_size, dtype = embedding.shape[1], next(layers[0].parameters()).dtype
+        if adapters is not None:
+            adapters = resolve_adapters(self.architecture, adapters, len(layers))
+            for layer_index in adapters["layers"]:
+                for path in adapters["target_modules"]:
+                    in_features, out_features = linear_features(layers[layer_index].get_submodule(path))
+                    specs[f"adapters.{layer_index}.{path}.lora_A"] = (dtype, (adapters["r"], in_features))
+                    specs[f"adapters.{layer_index}.{path}.lora_B"] = (dtype, (out_features, adapters["r"]))
         specs["token_embeddings"] = (dtype, (1 + num_new_tokens, hidden_size))
         if num_new_tokens and self._untied_output():
             specs["output_embeddings"] = (dtype, (num_new_tokens, hidden_size))
@@ -737,7 +887,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         # The config, not the tensors: while loading, the backbone's weights are not tied yet.
         return not self.config.backbone_config.get_text_config(decoder=True).tie_word_embeddings
 
-    def _new_domain_module(self, expansion_layers: list[int], num_tokens: int) -> DomainExpansion:
+    def _new_domain_module(self, expansion_layers: list[int], num_tokens: int,
+                           adapters: dict | None = None) -> DomainExpansion:
         input_embeddings = self.backbone.get_input_embeddings()
         domain = DomainExpansion(
             self.decoder_layers,
@@ -747,6 +898,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             hidden_size=input_embeddings.weight.shape[1],
             untied_output=self._untied_output(),
             output_bias=getattr(self.backbone.get_output_embeddings(), "bias", None) is not None,
+            adapters=adapters,
         )
         return domain.to(device=input_embeddings.weight.device)
 
@@ -766,21 +918,19 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 domain.output_bias[row] = output_module.bias[pieces].float().mean()
 
     @torch.no_grad()
-    def _check_identity(self, domain: DomainExpansion) -> None:
-        """Check that each fresh block of `domain` returns its input exactly, with the inputs its backbone layer gets."""
+    def _check_identity(self, name: str) -> None:
+        """Check that fresh domain `name` computes exactly what the backbone computes: its rows' logits over the
+        backbone vocabulary equal those of the same ids on the bare backbone, in one batch."""
         probe = self._probe_ids(rows=2)
-        inputs = decoder_inputs(self.architecture, self.backbone, self._embed(probe, None), None, None, None, False)
-        for depth, blocks in domain.blocks.items():
-            for block in blocks:
-                hidden_states = inputs.hidden_states
-                if not torch.equal(_output_of(block(hidden_states, **inputs.layer_kwargs[int(depth)])), hidden_states):
-                    raise ValueError(
-                        f"A fresh expansion block after layer {depth} is not an exact identity on this "
-                        f"{self.config.backbone_config.model_type} backbone, although its "
-                        f"{', '.join(self.architecture.identity_projections)} are zero: this variant of the family "
-                        "writes into the residual stream elsewhere too. Its ARCHITECTURES entry must name those "
-                        "projections."
-                    )
+        domain_ids = torch.tensor([self.domain_names.index(name), BASE_ROUTE], device=probe.device)
+        logits = self(input_ids=probe, domain_ids=domain_ids, use_cache=False).logits[..., : self.config.backbone_vocab_size]
+        if not torch.equal(logits[0], logits[1]):
+            raise ValueError(
+                f"A fresh domain is not an exact identity on this {self.config.backbone_config.model_type} backbone, "
+                f"although its blocks' {', '.join(self.architecture.identity_projections)} are zero and its adapters "
+                "add zero deltas: this variant of the family writes into the residual stream elsewhere too. Its "
+                "ARCHITECTURES entry must name those projections."
+            )
 
     def _domains_changed(self) -> None:
         """Rebuild what derives from the set of domains (at construction, and when a domain is added or removed)."""
@@ -961,6 +1111,22 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         past_key_values.check_routing(routing, self.cache_layout, self.config.num_backbone_layers)
         return past_key_values
 
+    def routed_layer(self, layer_index: int, layer: nn.Module, routing: Routing) -> nn.Module:
+        """Backbone layer `layer_index` as this batch runs it: the layer itself, or, where a routed domain adapts some
+        of its linear layers, a view of it (`module_view`) in which those are `RoutedLinear`s adding the domain's
+        deltas to its rows only. The view lives for this call; the layer is never changed."""
+        deltas: dict[str, list] = {}
+        depth = str(layer_index)
+        for domain_index, rows in routing.rows.items():
+            adapters = self.domains[self.domain_names[domain_index]].adapters
+            if depth in adapters:
+                for path in self.config.domains[self.domain_names[domain_index]]["adapters"]["target_modules"]:
+                    deltas.setdefault(path, []).append((rows, adapters[depth].get_submodule(path)))
+        if not deltas:
+            return layer
+        return module_view(layer, {path: RoutedLinear(layer.get_submodule(path), domain_deltas, routing.batch_size)
+                                   for path, domain_deltas in deltas.items()})
+
     def run_expansion_blocks(self, layer_index: int, hidden_states: torch.Tensor, routing: Routing,
                              layer_kwargs: dict) -> torch.Tensor:
         """Run the blocks each routed domain placed after backbone layer `layer_index`, on that domain's rows only.
@@ -1096,6 +1262,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer_index, layer in enumerate(self.decoder_layers):
             layer_kwargs = inputs.layer_kwargs[layer_index]
+            layer = self.routed_layer(layer_index, layer, routing)
             hidden_states = _output_of(layer(hidden_states, **layer_kwargs, **kwargs))
             hidden_states = self.run_expansion_blocks(layer_index, hidden_states, routing, layer_kwargs)
             if all_hidden_states is not None:
@@ -1239,6 +1406,12 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         fit this backbone (same fingerprint); `name=` loads it under another name. `kwargs`: `name`, `token`,
         `cache_dir`, `force_download`, `local_files_only` (see `domain_experts.packs.load_pack`)."""
         return self._packs().load_pack(self, repo_id_or_path, revision, **kwargs)
+
+    def load_peft_adapter(self, repo_id_or_path, name: str | None = None, revision: str | None = None, **kwargs) -> str:
+        """Add a PEFT LoRA adapter (a folder or Hub repo) as a domain of routed adapters and return its name: its rows
+        get the logits peft gives for it, every other row is unchanged. `kwargs`: `token`, `cache_dir`,
+        `local_files_only`, `check_base_model` (see `domain_experts.packs.load_peft_adapter`)."""
+        return self._packs().load_peft_adapter(self, repo_id_or_path, name, revision, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the model in one commit: what `save_pretrained` writes (config, weights, remote code, tokenizers) and

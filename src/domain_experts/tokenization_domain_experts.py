@@ -10,6 +10,7 @@ new merges rank last, a domain tokenizer first produces exactly the backbone's t
 is unchanged, and every new token stands for a known sequence of backbone tokens (which is where its embedding starts).
 """
 
+import copy
 import heapq
 import json
 import os
@@ -80,6 +81,10 @@ def add_tokens_at_ids(
     for token in tokens:
         vocab.pop(token, None)  # tokens already present move to their new id
     data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["content"] not in tokens]
+    # Added tokens outside the model vocabulary (a chat token after it, say) join it at their ids: a tokenizer that is
+    # loaded renumbers added tokens past the model vocabulary, which new entries would otherwise collide with.
+    for entry in data["added_tokens"]:
+        vocab.setdefault(entry["content"], entry["id"])
     taken = {token_id: token for token, token_id in vocab.items()}
     taken.update({entry["id"]: entry["content"] for entry in data["added_tokens"]})
     for token, token_id in tokens.items():
@@ -251,6 +256,7 @@ class DomainExpertsTokenizer:
         self.backbone_vocab_size = backbone_vocab_size if backbone_vocab_size is not None else len(base)
         # id -> owning domain, for the ids past the backbone vocabulary (the only ids a domain can own).
         self._owner_of_id = {token_id: name for name, ids in self.domain_token_ids.items() for token_id in ids}
+        self._chat_tokenizers: dict[str | None, PreTrainedTokenizerBase] = {}
 
     # Attributes of `base` (pad_token_id, chat_template, ...) read through this object.
     def __getattr__(self, name: str):
@@ -348,17 +354,28 @@ class DomainExpertsTokenizer:
                              "token); call model.tokenizer.base.apply_chat_template(..., tokenize=False) for text.")
         single = bool(conversation) and isinstance(conversation[0], dict)
         chats = [conversation] if single else list(conversation)
+        domains = self._row_domains(domain, len(chats))
         padding = {key: kwargs.pop(key) for key in ("padding", "padding_side", "pad_to_multiple_of",
                                                     "return_tensors", "return_attention_mask") if key in kwargs}
         kwargs.pop("return_dict", None)
-        # The template writes its own special tokens as text: parse them in this call only.
-        tokenizer_kwargs = {"split_special_tokens": False, **kwargs.pop("tokenizer_kwargs", {})}
         input_ids = [
-            self.base.apply_chat_template(chat, sanitize_control_tokens=True, return_dict=True,
-                                          tokenizer_kwargs=tokenizer_kwargs, **kwargs)["input_ids"]
-            for chat in chats
+            self._chat_tokenizer(name).apply_chat_template(chat, sanitize_control_tokens=True, return_dict=True,
+                                                           **kwargs)["input_ids"]
+            for chat, name in zip(chats, domains)
         ]
-        return self._route_and_pad(input_ids, self._row_domains(domain, len(chats)), single, padding)
+        return self._route_and_pad(input_ids, domains, single, padding)
+
+    def _chat_tokenizer(self, domain: str | None) -> PreTrainedTokenizerBase:
+        """A copy of `domain`'s tokenizer that parses special tokens: a chat template writes its own special tokens as
+        text (those typed in messages are escaped by `sanitize_control_tokens`). A copy, so that `base` never changes
+        (other threads may be encoding with it)."""
+        tokenizer = self.tokenizer_for(domain)
+        chat_tokenizer = self._chat_tokenizers.get(domain)
+        if chat_tokenizer is None:
+            chat_tokenizer = copy.deepcopy(tokenizer)
+            chat_tokenizer.split_special_tokens = False
+            self._chat_tokenizers[domain] = chat_tokenizer  # two threads may both build one: either is right
+        return chat_tokenizer
 
     def _route_and_pad(self, input_ids: list[list[int]], domains: list[str | None], single: bool,
                        padding: dict) -> BatchEncoding:
@@ -410,6 +427,7 @@ class DomainExpertsTokenizer:
         data = json.loads(self.base.backend_tokenizer.to_str())
         data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if i < self.backbone_vocab_size}
         data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["id"] < self.backbone_vocab_size]
+        data["padding"] = data["truncation"] = None  # what the last call asked for, not part of the tokenizer
         tokenizer = rebuild_tokenizer(self.base, data)
         tokenizer.split_special_tokens = False
         tokenizer.init_kwargs["split_special_tokens"] = False

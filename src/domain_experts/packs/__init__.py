@@ -20,7 +20,8 @@ Downloads go through `huggingface_hub` (its cache, revisions, offline mode, toke
 first (see `hub`).
 
 The subpackage, one concern per module: `manifest` (the manifest, fingerprints, file and tensor checks), `hub`
-(downloads, access, uploads), `save_load` (a model's domain to a pack and back), `cards` (model cards). The model
+(downloads, access, uploads), `save_load` (a model's domain to a pack and back), `cards` (model cards),
+`peft_adapters` (a PEFT LoRA adapter imported as a domain of routed adapters). The model
 methods `save_domain`, `push_domain_to_hub`, `load_domain`, `push_to_hub` and
 `DomainExpertsForCausalLM.from_backbone(..., domains=[...])` call these functions.
 """
@@ -40,6 +41,7 @@ from .manifest import (
     backbone_info,
     verify_pack_files,
 )
+from .peft_adapters import load_peft_adapter
 from .save_load import load_pack, load_packs, push_pack, save_pack
 
 
@@ -58,6 +60,7 @@ __all__ = [
     "is_pack",
     "load_pack",
     "load_packs",
+    "load_peft_adapter",
     "pull_pack",
     "push_model_to_hub",
     "push_pack",

@@ -64,7 +64,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @contextmanager
-def _hub_errors(repo_id: str, revision: str | None, token: Any, kind: str = "pack repo") -> Iterator[None]:
+def hub_errors(repo_id: str, revision: str | None, token: Any, kind: str = "pack repo") -> Iterator[None]:
     """Turn `huggingface_hub` errors into messages that say what to do."""
     at = f" at revision {revision!r}" if revision else ""
     try:
@@ -104,7 +104,7 @@ def check_access(repo_id: str, revision: str | None, token: str | bool | None, k
         return False
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=library_version())
     try:
-        with _hub_errors(repo_id, revision, token, kind):
+        with hub_errors(repo_id, revision, token, kind):
             api.model_info(repo_id, revision=revision)
     except (OfflineModeIsEnabled, httpx2.TransportError) as error:
         logger.warning(f"The Hub cannot be reached ({type(error).__name__}); {repo_id} is read from the local cache "
@@ -158,7 +158,7 @@ class FetchedPack:
         """Make every file of the manifest present in `folder` and check it; returns `folder`."""
         if self.repo_id is not None:
             paths = []
-            with _hub_errors(self.repo_id, self.commit, self.hub_kwargs.get("token")):
+            with hub_errors(self.repo_id, self.commit, self.hub_kwargs.get("token")):
                 for path in self.manifest.files:
                     try:
                         paths.append(hf_hub_download(self.repo_id, path, revision=self.commit, **self.hub_kwargs))
@@ -221,7 +221,7 @@ def fetch_manifest(
     hub_kwargs = {"token": token, "cache_dir": cache_dir, "force_download": force_download,
                   "local_files_only": local_files_only, "library_name": LIBRARY_NAME,
                   "library_version": library_version()}
-    with _hub_errors(repo_id, revision, token):
+    with hub_errors(repo_id, revision, token):
         try:
             path = hf_hub_download(repo_id, MANIFEST_NAME, revision=revision, **hub_kwargs)
         except EntryNotFoundError as error:
@@ -253,7 +253,7 @@ def is_pack(source: str | os.PathLike, revision: str | None = None, token: str |
         return (Path(source) / MANIFEST_NAME).is_file()
     if is_local(source):  # raises for a path that does not exist
         return False
-    with _hub_errors(str(source), revision, token, kind="repo"):
+    with hub_errors(str(source), revision, token, kind="repo"):
         try:
             hf_hub_download(str(source), MANIFEST_NAME, revision=revision, token=token)
         except EntryNotFoundError:  # a model repo, or (offline) a repo whose manifest is not in the cache

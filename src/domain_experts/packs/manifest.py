@@ -22,7 +22,8 @@ from ..files import file_sha256
 
 
 PACK_FORMAT = "domain_experts.pack"
-PACK_FORMAT_VERSION = 1
+PACK_FORMAT_VERSION = 2
+"""Version 2 added routed adapters (`adapters`); version 1 packs (no adapters) still load."""
 MANIFEST_NAME = "domain_pack.json"
 WEIGHTS_NAME = "domain_pack.safetensors"
 README_NAME = "README.md"
@@ -196,11 +197,13 @@ class PackManifest:
     Attributes:
         name: the domain's name (the control token is `<|domain:NAME|>`); a model may load it under another name.
         backbone: the backbone the pack was made for.
-        expansion_layers: for each expansion block, the backbone layer it follows.
+        expansion_layers: for each expansion block, the backbone layer it follows (may be empty when `adapters`).
         tokens: the domain's own tokens (strings, in the order of its token embedding rows 1...), without the control
             token; empty when the domain uses the backbone's tokenizer.
         gate_trained: whether the domain's entry in the learned gate is trained.
         gate_layer: the backbone layer whose hidden states the gate entry reads.
+        adapters: the domain's routed low-rank adapters (`AdapterConfig` fields, with target paths inside a decoder
+            layer and the adapted layers listed), or None.
         tensors: name -> `TensorSpec` of every tensor in `domain_pack.safetensors`.
         files: path -> `{"sha256": ..., "size": ...}` of every file of the pack but the manifest and the model card.
         datasets: datasets the domain was trained on (Hub ids or names), for the model card.
@@ -221,6 +224,7 @@ class PackManifest:
     evaluation: dict[str, Any] | None = None
     library_version: str | None = None
     format_version: int = PACK_FORMAT_VERSION
+    adapters: dict[str, Any] | None = None
 
     @property
     def control_token(self) -> str:
@@ -246,6 +250,7 @@ class PackManifest:
             "expansion_layers": list(self.expansion_layers),
             "tokens": list(self.tokens),
             "gate": {"trained": self.gate_trained, "layer": self.gate_layer},
+            "adapters": self.adapters,
             "tensors": {key: {"dtype": spec.dtype, "shape": list(spec.shape)} for key, spec in self.tensors.items()},
             "files": {path: dict(entry) for path, entry in self.files.items()},
             "datasets": list(self.datasets),
@@ -267,9 +272,13 @@ class PackManifest:
             )
         name = data.get("name")
         _check(_is_domain_name(name), "name", "a domain name (1 to 64 ASCII letters, digits, '_', '-')", name)
+        adapters = data.get("adapters")
+        _check(adapters is None or _valid_adapters(adapters), "adapters",
+               'null or {"r": int, "alpha": number, "target_modules": [path, ...], "layers": [int, ...], '
+               '"use_rslora": bool}', adapters)
         layers = data.get("expansion_layers")
-        _check(isinstance(layers, list) and layers and all(_is_index(i) for i in layers), "expansion_layers",
-               "a non-empty list of layer indices", layers)
+        _check(isinstance(layers, list) and (layers or adapters) and all(_is_index(i) for i in layers),
+               "expansion_layers", "a list of layer indices (non-empty unless the domain has adapters)", layers)
         tokens = data.get("tokens")
         _check(isinstance(tokens, list) and all(isinstance(t, str) and t for t in tokens)
                and len(set(tokens)) == len(tokens), "tokens", "a list of distinct non-empty strings", tokens)
@@ -314,6 +323,7 @@ class PackManifest:
             evaluation=evaluation,
             library_version=library_version_ if isinstance(library_version_, str) else None,
             format_version=version,
+            adapters=dict(adapters) if adapters is not None else None,
         )
 
     @classmethod
@@ -341,6 +351,17 @@ def _check(condition: Any, field_name: str, expected: str, got: Any) -> None:
             shown = f"a {type(got).__name__} nested too deeply to show"
         shown = shown if len(shown) <= 200 else shown[:200] + "..."
         raise PackError(f"Invalid {MANIFEST_NAME}: {field_name!r} must be {expected}, got {shown}.")
+
+
+def _valid_adapters(adapters: Any) -> bool:
+    if not isinstance(adapters, dict) or set(adapters) != {"r", "alpha", "target_modules", "layers", "use_rslora"}:
+        return False
+    paths = adapters["target_modules"]
+    return (_is_index(adapters["r"]) and adapters["r"] >= 1
+            and isinstance(adapters["alpha"], (int, float)) and not isinstance(adapters["alpha"], bool)
+            and isinstance(paths, list) and paths and all(isinstance(p, str) and _SAFE_PATH.match(p) for p in paths)
+            and isinstance(adapters["layers"], list) and adapters["layers"] and all(_is_index(i) for i in adapters["layers"])
+            and isinstance(adapters["use_rslora"], bool))
 
 
 def _is_index(value: Any) -> bool:

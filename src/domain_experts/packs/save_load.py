@@ -42,7 +42,9 @@ logger = logging.get_logger(__name__)
 # tokenizer_config.json entries that say how a tokenizer was loaded or is used, not what it computes: they may differ
 # between the model that wrote a pack and the one that loads it.
 _USAGE_SETTINGS = frozenset({"name_or_path", "padding_side", "truncation_side", "model_max_length",
-                             "split_special_tokens", "is_local", "local_files_only", "_commit_hash"})
+                             "split_special_tokens", "is_local", "local_files_only", "_commit_hash", "pad_token_type_id"})
+# tokenizer.json sections that hold the padding and truncation a caller last asked for, not the tokenizer's pipeline.
+_USAGE_SECTIONS = frozenset({"padding", "truncation"})
 
 
 def _setting(config: dict, key: str):
@@ -109,7 +111,10 @@ def _tokenizer_differences(expected: dict[str, bytes], folder: Path, listed: lis
             if changed:
                 problems.append(f"tokenizer_config.json changes {', '.join(changed)}")
             continue
-        changed = sorted(key for key in ours_json.keys() | theirs_json.keys() if ours_json.get(key) != theirs_json.get(key))
+        changed = sorted(key for key in (ours_json.keys() | theirs_json.keys()) - _USAGE_SECTIONS
+                         if ours_json.get(key) != theirs_json.get(key))
+        if not changed:
+            continue
         if "model" in changed and isinstance(theirs_json.get("model"), dict):
             changed.remove("model")
             changed += [f"model.{key}" for key in sorted(ours_json["model"].keys() | theirs_json["model"].keys())
@@ -213,7 +218,7 @@ def save_pack(
     manifest_fields = dict(
         name=name, backbone=backbone_info(model), expansion_layers=list(settings["expansion_layers"]), tokens=tokens,
         gate_trained=bool(settings.get("gate", False)), gate_layer=int(model.config.gate_layer),
-        tensors=tensor_specs(state_dict), datasets=list(datasets or []), evaluation=evaluation,
+        adapters=settings.get("adapters"), tensors=tensor_specs(state_dict), datasets=list(datasets or []), evaluation=evaluation,
         library_version=library_version(),
     )
 
@@ -286,8 +291,11 @@ def _check_fits(model, manifest: PackManifest, source: str) -> None:
     if manifest.tokens and model.tokenizer is None:
         raise PackError(f"{source}: domain {manifest.name!r} brings {len(manifest.tokens)} tokens of its own, and this "
                         "model has no tokenizer: pass the backbone's tokenizer to from_backbone.")
-    expected = {key: TensorSpec(str(dtype).removeprefix("torch."), shape)
-                for key, (dtype, shape) in model.domain_state_specs(manifest.expansion_layers, len(manifest.tokens)).items()}
+    try:
+        specs = model.domain_state_specs(manifest.expansion_layers, len(manifest.tokens), manifest.adapters)
+    except ValueError as error:  # adapters on linear layers or layers this backbone does not have
+        raise PackError(f"{source}: {error}") from error
+    expected = {key: TensorSpec(str(dtype).removeprefix("torch."), shape) for key, (dtype, shape) in specs.items()}
     problems = spec_differences(expected, manifest.tensors)
     if problems:
         raise PackError(f"{source}: the tensors its manifest lists are not those of a domain with these blocks and "
@@ -357,8 +365,8 @@ def _load(model, fetched: FetchedPack, name: str | None, repo_id_or_path) -> str
         provenance.update(repo_id=fetched.repo_id, revision=fetched.commit)
     try:
         model.add_domain(name, expansion_layers=list(manifest.expansion_layers),
-                         tokenizer=tokenizer if manifest.tokens else None, state_dict=state_dict,
-                         gate_trained=manifest.gate_trained, provenance=provenance)
+                         tokenizer=tokenizer if manifest.tokens else None, adapters=manifest.adapters,
+                         state_dict=state_dict, gate_trained=manifest.gate_trained, provenance=provenance)
     except ValueError as error:
         raise PackError(f"{source}: {error}") from error
     logger.info(f"Loaded domain {name!r} from pack {source}.")
