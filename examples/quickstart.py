@@ -41,16 +41,17 @@ from domain_experts.train import FINAL_MODEL_FOLDER, RUN_CONFIG_FILE, TrainingCo
 
 
 # Each size: (default run, --smoke run). A flag given on the command line wins over both.
+# The default learning rate is the best of 5e-4, 1e-3, 2e-3, 4e-3, 8e-3 on the validation split (30 steps of 8 x 128).
 SIZES = {
-    "max_steps": (40, 2),
+    "max_steps": (30, 2),
     "batch_size": (8, 2),
-    "block_size": (256, 64),
-    "learning_rate": (5e-4, 5e-4),
+    "block_size": (128, 64),
+    "learning_rate": (4e-3, 4e-3),
     "new_tokens": (0, 0),
-    "eval_samples": (60, 4),
-    "validation_samples": (32, 4),
-    "gate_samples": (200, 16),
-    "generate_tokens": (80, 8),
+    "eval_samples": (30, 4),
+    "validation_samples": (16, 4),
+    "gate_samples": (100, 16),
+    "generate_tokens": (60, 8),
 }
 SETTINGS_FILE = "quickstart.json"
 RESULTS_FILE = "results.json"
@@ -120,7 +121,11 @@ def check_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> bool:
     if not settings_file.is_file():
         raise SystemExit(f"--output-dir {output_dir} is not empty and holds no {SETTINGS_FILE}: it was not written by "
                          "the quickstart, which never deletes what it did not write. Choose another --output-dir.")
-    saved = json.loads(settings_file.read_text(encoding="utf-8"))
+    try:
+        saved = json.loads(settings_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{settings_file} cannot be read ({error}): delete it (the quickstart writes it) or choose "
+                         "another --output-dir.") from error
     if saved == settings:
         return not overwrite
     if overwrite:
@@ -241,10 +246,11 @@ def main() -> None:
 
     print("\n== Generation")
     model.tokenizer.padding_side = "left"
-    inputs = model.tokenize(["Title: Apple crumble\nIngredients:\n", "Once upon a time, a fox"],
-                            domain=["recipes", None])
+    inputs = model.tokenizer(["Title: Apple crumble\nIngredients:\n", "Once upon a time, a fox"],
+                             domain=["recipes", None], padding=True, return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=args.generate_tokens, do_sample=False, repetition_penalty=1.2)
-    for label, text in zip(("recipes domain", "bare backbone"), model.batch_decode(output, skip_special_tokens=True)):
+    texts = model.tokenizer.batch_decode(output, skip_special_tokens=True)
+    for label, text in zip(("recipes domain", "bare backbone"), texts):
         print(f"--- {label}:\n{text}\n")
     lap("generation")
 
@@ -253,6 +259,7 @@ def main() -> None:
     write_file_atomically(output_dir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     print(f"Results in {output_dir / RESULTS_FILE}; the model in {output_dir / FINAL_MODEL_FOLDER} "
           f"({sum(timings.values()):.0f} s: {', '.join(f'{stage} {s:.0f} s' for stage, s in timings.items())}).")
+    print("Its gate learned from strategyqa (BIG-bench) questions: keep that model on this machine, never publish it.")
 
 
 if __name__ == "__main__":
