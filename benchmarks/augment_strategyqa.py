@@ -81,7 +81,8 @@ class YesNoModel:
 
     def encode(self, texts: list[str]):
         if self.method == "domain":
-            return self.model.tokenize(texts, domain="strategyqa", padding_side="right")
+            return self.model.tokenizer(texts, domain="strategyqa", padding=True, padding_side="right",
+                                        return_tensors="pt")
         return self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
 
     def last_logits(self, texts: list[str]) -> torch.Tensor:

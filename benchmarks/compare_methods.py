@@ -86,10 +86,9 @@ def generation(model, args, expansion: bool) -> dict:
     model.eval()
     if expansion:
         model.tokenizer.padding_side = "left"
-        for name in model.domain_names:
-            model.tokenizer_for(name).padding_side = "left"
-        batch = model.tokenize(texts, domain=[None] * len(stories) + [DOMAIN] * len(recipes))
-        decode = lambda ids: model.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+        batch = model.tokenizer(texts, domain=[None] * len(stories) + [DOMAIN] * len(recipes), padding=True,
+                                return_tensors="pt")
+        decode = lambda ids: model.tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
         pad = model.tokenizer.pad_token_id
     else:
         model.tokenizer.padding_side = "left"
@@ -116,7 +115,7 @@ def stories_logits_identical(composed, backbone, args) -> bool:
     """torch.equal of the logits over the backbone vocabulary on a stories batch: composed model vs backbone."""
     texts = load_texts("stories", "test")[: args.gen_batch]
     composed.tokenizer.padding_side = "right"
-    batch = composed.tokenize(texts, domain=None, truncation=True, max_length=args.max_length)
+    batch = composed.tokenizer(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
     composed.eval(), backbone.eval()
     mine = composed(**batch).logits[..., : backbone.config.vocab_size]
     theirs = backbone(**batch).logits
@@ -203,7 +202,7 @@ def expansion(backbone_dir: str, args, sizes: dict, new_tokens: int, output_dir:
         new_tokens=new_tokens, train_file=str(corpus_path(DOMAIN, "train")),
         validation_file=str(corpus_path(DOMAIN, "validation")), block_size=sizes["block_size"],
         batch_size=sizes["batch_size"], max_steps=sizes["steps"], learning_rate=sizes["lr_expansion"],
-        max_eval_samples=20, seed=args.seed))
+        max_eval_samples=20, seed=args.seed, overwrite=True))  # a method not in rows.json is measured afresh
     seconds = time.perf_counter() - start
     count = sum(p.numel() for n, p in model.domains[DOMAIN].named_parameters() if not n.startswith("gate_"))
     model.eval()
@@ -218,7 +217,7 @@ def pretrain(corpus: str, args, output_dir: Path, steps: int) -> tuple[str, floa
         output_dir=str(output_dir), preset=args.preset, vocab_size=args.vocab_size,
         train_file=str(corpus_path(corpus, "train")), validation_file=str(corpus_path(corpus, "validation")),
         block_size=args.s_block_size, batch_size=args.s_batch_size, max_steps=steps,
-        learning_rate=args.pretrain_lr, warmup_steps=steps // 20, max_eval_samples=20, seed=args.seed))
+        learning_rate=args.pretrain_lr, warmup_steps=steps // 20, max_eval_samples=20, seed=args.seed, overwrite=True))
     return str(output_dir / "model"), time.perf_counter() - start
 
 

@@ -1,6 +1,6 @@
 """What serving domains costs at inference, side by side on SmolLM2-135M: the bare backbone, this model with base rows
-only, with a mixed batch (half the rows in a 4-block domain), and peft's mixed-adapter batch (`adapter_names`) with a
-LoRA of the same parameter count (and, with `--adapter-rank`, a domain with routed adapters next to its blocks).
+only, with a mixed batch (half the rows in a 4-block domain), the same with routed adapters next to the blocks, and
+peft's mixed-adapter batch (`adapter_names`) with a LoRA of the same parameter count as the 4-block domain.
 
     python benchmarks/inference_speed.py                # prefill 8 x 256 and greedy generation 8 x 32, 7 rounds
     python benchmarks/inference_speed.py --rounds 15 --results-dir benchmarks/results
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from domain_experts import DomainExpertsForCausalLM
+from domain_experts import AdapterConfig, DomainExpertsForCausalLM
 from domain_experts.data import load_texts
 from domain_experts.smollm2 import load_smollm2
 
@@ -54,8 +54,8 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=32, help="prompt tokens per row before generating")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens each row generates (greedy)")
     parser.add_argument("--blocks", type=int, default=4, help="expansion blocks of the domain")
-    parser.add_argument("--adapter-rank", type=int, default=0,
-                        help="also time a domain with routed low-rank adapters of this rank on every projection")
+    parser.add_argument("--adapter-rank", type=int, default=16,
+                        help="rank of the routed adapters (on every projection) of the domain timed with adapters")
     parser.add_argument("--rounds", type=int, default=7, help="rounds of timings (each times every configuration)")
     parser.add_argument("--results-dir", default="benchmarks/results", help="where the JSON, markdown and plot go")
     args = parser.parse_args()
@@ -65,9 +65,11 @@ def main() -> None:
     bare = copy.deepcopy(backbone)
     model = DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
     model.add_domain("recipes", num_blocks=args.blocks)
-    with torch.no_grad():  # trained-looking blocks: the same work as identity ones, but not a trivial case
-        for parameter in model.domain_parameters("recipes"):
-            parameter.add_(torch.randn_like(parameter) * 1e-3)
+    model.add_domain("recipes_adapters", num_blocks=args.blocks, adapters=AdapterConfig(r=args.adapter_rank))
+    with torch.no_grad():  # trained-looking domains: the same work as identities, but not a trivial case
+        for name in model.domain_names:
+            for parameter in model.domain_parameters(name):
+                parameter.add_(torch.randn_like(parameter) * 1e-3)
     domain_parameters = sum(p.numel() for p in model.domain_parameters("recipes"))
     rank = lora_rank_matching(bare, domain_parameters)
     lora = get_peft_model(copy.deepcopy(bare), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS,
@@ -76,11 +78,16 @@ def main() -> None:
     lora_parameters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
 
     half = args.batch_size // 2
-    texts = load_texts("stories", "test")[:half] + load_texts("recipes", "test")[:half]
-    ids = torch.stack([torch.tensor(tokenizer(t)["input_ids"][: args.prefill_length]) for t in texts])
-    assert ids.shape == (args.batch_size, args.prefill_length), "test texts shorter than --prefill-length"
+
+    def windows(corpus: str, count: int) -> torch.Tensor:
+        """`count` rows of `--prefill-length` consecutive tokens of a corpus's test texts."""
+        ids = torch.tensor(tokenizer("\n\n".join(load_texts(corpus, "test")))["input_ids"])
+        return ids[: count * args.prefill_length].view(count, args.prefill_length)
+
+    ids = torch.cat([windows("stories", half), windows("recipes", args.batch_size - half)])
     control = model.control_token_id("recipes")
     domain_ids = torch.tensor([-1] * half + [0] * (args.batch_size - half))
+    adapter_domain_ids = torch.tensor([-1] * half + [1] * (args.batch_size - half))
     routes = ["__base__"] * half + ["recipes"] * (args.batch_size - half)
     prompt = ids[:, : args.prompt_length]
     generate = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
@@ -95,10 +102,10 @@ def main() -> None:
         "bare backbone": (prefill(bare), gen(bare)),
         "base rows": (prefill(model), gen(model)),
         "mixed batch (half domain rows)": (prefill(model, domain_ids=domain_ids), gen(model, domain_ids=domain_ids)),
+        f"mixed batch, domain with rank-{args.adapter_rank} adapters": (
+            prefill(model, domain_ids=adapter_domain_ids), gen(model, domain_ids=adapter_domain_ids)),
         "peft LoRA, mixed batch": (prefill(lora, adapter_names=routes), gen(lora, adapter_names=routes)),
     }
-    if args.adapter_rank:
-        raise SystemExit("--adapter-rank needs routed adapters (issue 14), which this checkout does not have yet.")
     names = list(configurations)
     with torch.no_grad():
         for name in names:  # warm-up, and the outputs' agreement where it must hold
@@ -120,6 +127,7 @@ def main() -> None:
     ideal = 1 + (args.batch_size - half) / args.batch_size * args.blocks / layers
     result = {"args": vars(args), "ideal_mixed_ratio": ideal, "lora_rank": rank,
               "parameters": {"backbone": sum(p.numel() for p in bare.parameters()), "domain": domain_parameters,
+                             "domain_with_adapters": sum(p.numel() for p in model.domain_parameters("recipes_adapters")),
                              "lora": lora_parameters},
               "kv_cache_bytes": {"base rows": cache_bytes(base_cache), "mixed batch": cache_bytes(mixed_cache),
                                  "expansion layers": cache_bytes(mixed_cache) - cache_bytes(base_cache)},
@@ -168,7 +176,8 @@ def write_results(result: dict, folder: Path) -> None:
         ratios = [per_name[n]["ratio"] for n in names]
         errors = [[r - per_name[n]["ratio_min"] for r, n in zip(ratios, names)],
                   [per_name[n]["ratio_max"] - r for r, n in zip(ratios, names)]]
-        axis.bar(range(len(names)), ratios, yerr=errors, capsize=4, color=["#888", "#4c72b0", "#55a868", "#c44e52"])
+        axis.bar(range(len(names)), ratios, yerr=errors, capsize=4,
+                 color=["#888", "#4c72b0", "#55a868", "#8172b3", "#c44e52"][: len(names)])
         axis.axhline(result["ideal_mixed_ratio"], color="#55a868", linestyle="--", linewidth=1, label="mixed ideal")
         axis.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=8)
         axis.set_title(phase)

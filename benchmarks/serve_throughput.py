@@ -213,8 +213,9 @@ def measure_domain_experts_generate(folder: Path, args) -> list[dict]:
 
     def generate_batch(indices):
         plans = [request_plan(i) for i in indices]
-        batch = model.tokenize([prompt for _, prompt in plans],
-                               domain=[route if route != "base" else None for route, _ in plans])
+        batch = model.tokenizer([prompt for _, prompt in plans],
+                                domain=[route if route != "base" else None for route, _ in plans], padding=True,
+                                return_tensors="pt")
         with torch.no_grad():
             output = model.generate(**batch, max_new_tokens=args.max_tokens, do_sample=False,
                                     pad_token_id=model.tokenizer.pad_token_id)

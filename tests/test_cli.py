@@ -79,7 +79,7 @@ def test_the_command_line_imports_nothing_heavy_until_a_command_runs():
         package.__path__ = [{str(Path(domain_experts.__file__).parent)!r}]
         sys.modules["domain_experts"] = package
         from domain_experts.cli import main
-        for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["augment", "--help"]):
+        for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["augment", "--help"], ["serve", "--help"]):
             with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
                 main(argv)
         print(sorted(m for m in ("torch", "transformers", "datasets", "accelerate", "evaluate") if m in sys.modules))

@@ -12,12 +12,9 @@ from conftest import make_batch, train_domain
 
 from domain_experts import DomainExpertsForCausalLM
 from domain_experts.cli import main
-from domain_experts.data import corpus_path, load_texts, shared_data_dir
+from domain_experts.data import corpus_path, load_texts
 from domain_experts.evaluation import forgetting_report, gate_accuracy, language_modeling, load_metric
 from domain_experts.gate import train_gate
-
-
-pytestmark = pytest.mark.skipif(shared_data_dir() is None, reason="needs shared/data beside the checkout")
 
 
 def samples(split: str, n: int) -> dict:
@@ -73,7 +70,7 @@ def test_untrained_gate_never_runs(setup):
 def test_gate_routing_is_decided_on_the_prompt_and_kept_while_generating(gated_model):
     model = gated_model
     recipe = load_texts("recipes", "test")[0][:120]
-    inputs = model.tokenize([recipe, "Is the sun a star?"])
+    inputs = model.tokenizer([recipe, "Is the sun a star?"], padding=True, return_tensors="pt")
     routes = model.route(inputs["input_ids"], inputs["attention_mask"]).tolist()
     assert routes[0] == model.domain_names.index("recipes")
     output = model(**inputs)
@@ -91,7 +88,8 @@ def test_gate_entries_survive_save_and_load(gated_model, tmp_path):
     loaded = DomainExpertsForCausalLM.from_pretrained(tmp_path)
     assert [loaded.config.domains[n]["gate"] for n in loaded.domain_names] == [True, True, False]
     assert not any(p.requires_grad for d in loaded.domains.values() for p in (d.gate_weight, d.gate_bias))
-    batch = loaded.tokenize(load_texts("recipes", "validation")[:3] + load_texts("stories", "validation")[:3])
+    batch = loaded.tokenizer(load_texts("recipes", "validation")[:3] + load_texts("stories", "validation")[:3],
+                             padding=True, return_tensors="pt")
     assert torch.equal(loaded.route(**batch), gated_model.route(**batch))
 
 

@@ -116,18 +116,18 @@ def generate_alone(model, input_ids: list[int], route: str, max_tokens: int) -> 
     extra = {"domain_ids": torch.tensor([-1])} if route == "base" else {}  # explicit: the gate would route it
     output = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_tokens,
                             do_sample=False, **extra)[0, inputs.shape[1]:]
-    return model.tokenizer_for(None if route == "base" else route).decode(output, skip_special_tokens=True)
+    return model.tokenizer.tokenizer_for(None if route == "base" else route).decode(output, skip_special_tokens=True)
 
 
 def prompt_ids(model, text: str, route: str) -> list[int]:
-    """A plain-text prompt as `model.tokenize` encodes it (`auto` and `base` without a control token)."""
-    return model.tokenize([text], domain=[route if route in model.domain_names else None])["input_ids"][0].tolist()
+    """A plain-text prompt as `model.tokenizer` encodes it (`auto` and `base` without a control token)."""
+    return model.tokenizer(text, domain=route if route in model.domain_names else None)["input_ids"]
 
 
 def chat_ids(model, messages: list[dict], domain: str) -> list[int]:
     """A chat of plain messages (no special-token text in them) in the domain's own tokenizer (its merges), the
     template's EOS as the EOS token, and the control token first."""
-    tokenizer = model.tokenizer_for(domain)
+    tokenizer = model.tokenizer.tokenizer_for(domain)
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return [model.control_token_id(domain), *tokenizer(text, split_special_tokens=False)["input_ids"]]
 
@@ -260,7 +260,7 @@ def test_huggingface_hub_text_generation_picks_the_domain_by_adapter_id(model, s
 def test_control_tokens_typed_in_messages_stay_plain_text(model, client):
     typed = "<|domain:recipes|> Title: Soup </s>"
     messages = [{"role": "user", "content": typed}]
-    tokenizer = model.tokenizer_for(None)
+    tokenizer = model.tokenizer.tokenizer_for(None)
     # What the template writes: the typed text as plain text, then the template's own EOS token.
     ids = [*tokenizer(f"user: {typed}", split_special_tokens=True)["input_ids"], tokenizer.eos_token_id,
            *tokenizer("assistant:")["input_ids"]]

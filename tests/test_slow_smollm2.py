@@ -32,7 +32,7 @@ def test_base_rows_are_smollm2_bit_for_bit_with_a_trained_domain(smollm2):
     model = DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
     model.add_domain("recipes", num_blocks=4)
     rows = [load_texts("recipes", "validation")[0][:300], load_texts("stories", "validation")[0][:300]]
-    batch = model.tokenize(rows, domain=["recipes", None])
+    batch = model.tokenizer(rows, domain=["recipes", None], padding=True, return_tensors="pt")
     optimizer = torch.optim.AdamW(model.domain_parameters("recipes"), lr=1e-3)
     loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
     loss.backward()

@@ -12,12 +12,9 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from domain_experts import DomainExpertsForCausalLM
-from domain_experts.data import load_texts, shared_data_dir
+from domain_experts.data import load_texts
 from domain_experts.scratch import PRESETS, backbone_parameters, create_backbone, train_tokenizer
 from domain_experts.tokenization_domain_experts import extend_tokenizer, new_tokens_of
-
-
-pytestmark = pytest.mark.skipif(shared_data_dir() is None, reason="needs shared/data beside the checkout")
 
 
 @pytest.fixture(scope="module")

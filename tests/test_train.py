@@ -16,7 +16,7 @@ from backbones import tiny_backbone, tiny_tokenizer
 from safetensors.torch import load_file
 
 from domain_experts import DomainExpertsForCausalLM
-from domain_experts.data import corpus_path
+from domain_experts.data import corpus_path, load_texts
 from domain_experts.train import TrainingConfig, latest_checkpoint, load_text_datasets, save_checkpoint, train
 
 
@@ -382,7 +382,8 @@ def test_rows_without_text_are_left_out_saying_so(tmp_path, caplog):
     config = TrainingConfig(output_dir=str(tmp_path / "out"), model="unused", domain="recipes", train_file=str(data),
                             validation_file=str(data))
     with caplog.at_level("WARNING"):
-        train_rows, validation_rows = load_text_datasets(config)
+        ((domain, (train_rows, validation_rows)),) = load_text_datasets(config).items()
+    assert domain == "recipes"
     assert train_rows["text"] == validation_rows["text"] == ["Soup", "Stew", "Pie"]
     assert caplog.text.count(f"({data}) has 3 of 6 rows without text in column 'text': they are left out.") == 2
 
@@ -396,3 +397,59 @@ def test_a_second_run_on_the_same_folder_stops_at_once(tiny_model_dir, tmp_path)
     assert not (tmp_path / "run").exists()
     train(small_config(tiny_model_dir, tmp_path / "run", max_steps=1))
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+# Several domains in one run -------------------------------------------------------------------------------------
+
+
+def two_domain_files(tmp_path: Path) -> dict[str, Path]:
+    files = {}
+    for name, corpus in (("recipes", "recipes"), ("tales", "stories")):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in load_texts(corpus, "validation")[:40]))
+    return files
+
+
+def test_domains_trained_together_match_each_trained_alone(tiny_model_dir, tmp_path):
+    """Two domains in one run (every batch 2 rows of each), against each trained alone on its 2 rows per step: the
+    same weights up to summation order. Blocks, adapters, own tokens, control-token dropout and clipping included."""
+    files = two_domain_files(tmp_path)
+    common = dict(model=str(tiny_model_dir), add_domain=True, num_blocks=1, adapter_rank=2, new_tokens=10,
+                  block_size=32, max_steps=3, learning_rate=5e-3, max_grad_norm=0.05, control_token_dropout=0.5)
+    together = train(TrainingConfig(output_dir=str(tmp_path / "together"), batch_size=4,
+                                    domain=[f"{name}={path},{path}" for name, path in files.items()], **common))
+    assert together.domain_names == ["recipes", "tales"]
+    eval_results = json.loads((tmp_path / "together" / "model" / "eval_results.json").read_text())
+    assert {"eval_loss_recipes", "eval_loss_tales"} <= eval_results.keys()
+    for name, path in files.items():
+        alone = train(TrainingConfig(output_dir=str(tmp_path / name), batch_size=2, domain=[f"{name}={path},{path}"],
+                                     **common))
+        expected = alone.domains[name].state_dict()
+        got = together.domains[name].state_dict()
+        assert expected.keys() == got.keys()
+        # Zero at the start (identity blocks, fresh adapters): not zero once trained.
+        trained = [key for key, tensor in expected.items() if ("lora_B" in key or "o_proj" in key) and tensor.any()]
+        assert any("lora_B" in key for key in trained) and any("o_proj" in key for key in trained), "it trained"
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
+
+
+def test_several_domains_need_their_own_files_and_a_fitting_batch(tiny_model_dir, tmp_path):
+    files = two_domain_files(tmp_path)
+    base = dict(output_dir=str(tmp_path / "out"), model=str(tiny_model_dir), add_domain=True, block_size=32,
+                max_steps=1, batch_size=4)
+    for changes, message in [
+        ({"domain": ["recipes", "tales"], "train_file": str(files["recipes"])}, "Several domains each need their own"),
+        ({"domain": [f"recipes={files['recipes']}", "tales"]}, "Give every --domain its own files"),
+        ({"domain": [f"recipes={files['recipes']}"], "train_file": str(files["recipes"])}, "and no --train-file"),
+        ({"domain": [f"recipes={files['recipes']}", f"tales={files['tales']}"], "batch_size": 3},
+         "must be a multiple of the 2 domains"),
+        ({"domain": [f"recipes={files['recipes']}", f"recipes={files['tales']}"]}, "--domain recipes is given twice"),
+        ({"domain": ["legal.v2=" + str(files["recipes"])]}, "Invalid domain name 'legal.v2'"),
+        ({"domain": ["recipes="]}, "names no training file"),
+        ({"domain": ["recipes"], "train_file": str(files["recipes"]), "add_domain": False, "adapter_rank": 4},
+         "configure domains added with --add-domain"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train(TrainingConfig(**(base | changes)))
+    assert not (tmp_path / "out").exists()

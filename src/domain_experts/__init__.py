@@ -1,18 +1,25 @@
-"""domain_experts: one small language model, many domains, none forgotten."""
+"""domain_experts: one small language model, many domains, none forgotten.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+The model classes load on first use (`from domain_experts import DomainExpertsForCausalLM`), so that importing a light
+part of the package, the command line's help above all, does not import torch and transformers.
+"""
 
-from .configuration_domain_experts import DomainExpertsConfig, control_token_for
-from .modeling_domain_experts import DomainExpertsForCausalLM, DomainExpertsPreTrainedModel
+from .lazy import lazy_exports
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-AutoConfig.register(DomainExpertsConfig.model_type, DomainExpertsConfig, exist_ok=True)
-AutoModelForCausalLM.register(DomainExpertsConfig, DomainExpertsForCausalLM, exist_ok=True)
-# save_pretrained copies the two flat model files next to the weights and writes `auto_map`, so the saved model
-# loads with `trust_remote_code=True` where this package is not installed.
-DomainExpertsConfig.register_for_auto_class()
-DomainExpertsForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+_LAZY = {
+    "AdapterConfig": "configuration_domain_experts",
+    "DomainExpertsConfig": "configuration_domain_experts",
+    "check_domain_name": "configuration_domain_experts",
+    "control_token_for": "configuration_domain_experts",
+    "DomainExpertsForCausalLM": "modeling_domain_experts",
+    "DomainExpertsPreTrainedModel": "modeling_domain_experts",
+    "DomainExpertsTokenizer": "tokenization_domain_experts",
+}
 
-__all__ = ["DomainExpertsConfig", "DomainExpertsForCausalLM", "DomainExpertsPreTrainedModel", "control_token_for"]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+
+__all__ = sorted(_LAZY)

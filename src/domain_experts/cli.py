@@ -13,6 +13,7 @@ import textwrap
 
 from .augment.cli import add_augment_command
 from .files import TEXT_FILE_BUILDERS, check_location
+from .serving import add_serve_command
 from .training_config import TRAIN_EXAMPLES, add_training_arguments, training_config_from_arguments
 
 
@@ -369,6 +370,7 @@ examples:
     add_training_commands(commands)
     add_augment_command(commands)
     add_pack_commands(commands)
+    add_serve_command(commands)
     return parser
 
 

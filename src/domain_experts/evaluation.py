@@ -54,9 +54,9 @@ def language_modeling(model, texts: list[str], domain: str | None = None, routin
     if not texts:
         raise ValueError("No texts to evaluate.")
     model.eval()
-    is_domain_experts = hasattr(model, "tokenize")
+    is_domain_experts = hasattr(model, "domain_names")
     by_token = is_domain_experts and routing == "token" and domain is not None
-    tokenizer = model.tokenizer_for(domain if by_token else None) if is_domain_experts else model.tokenizer
+    tokenizer = model.tokenizer.tokenizer_for(domain if by_token else None) if is_domain_experts else model.tokenizer
     prefix = model.control_token_id(domain) if by_token else (
         tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
@@ -121,7 +121,8 @@ def gate_accuracy(model, data: dict[str | None, list[str]], batch_size: int = 16
     for route, texts in data.items():
         for start in tqdm(range(0, len(texts), batch_size), desc=f"{route or NONE_ROUTE} texts, gate routing",
                           unit="batch", leave=False):
-            batch = model.tokenize(texts[start : start + batch_size], truncation=True, max_length=max_length)
+            batch = model.tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
+                                    padding=True, return_tensors="pt")
             routes = model.route(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
             predictions += [model.domain_names[r] if r >= 0 else NONE_ROUTE for r in routes.tolist()]
             references += [route or NONE_ROUTE] * len(routes)

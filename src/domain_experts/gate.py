@@ -21,7 +21,8 @@ def prompt_features(model, texts: list[str], batch_size: int = 16, max_length: i
     the progress bar)."""
     features = []
     for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", leave=False):
-        batch = model.tokenize(texts[start : start + batch_size], truncation=True, max_length=max_length)
+        batch = model.tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
+                                padding=True, return_tensors="pt")
         features.append(model.gate_features(batch["input_ids"].to(model.device),
                                             batch["attention_mask"].to(model.device)).cpu())
     return torch.cat(features)

@@ -1354,32 +1354,6 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             model.tokenizer = None
         return (model, loading_info) if output_loading_info else model
 
-    # Transitional aliases of the tokenizer object's methods, removed once every call site uses `model.tokenizer`.
-    def tokenize(self, text, domain=None, **kwargs):
-        kwargs.setdefault("padding", True)
-        kwargs.setdefault("return_tensors", "pt")
-        return self.tokenizer(text, domain=domain, **kwargs)
-
-    def batch_decode(self, sequences, **kwargs):
-        return self.tokenizer.batch_decode(sequences, **kwargs)
-
-    def apply_chat_template(self, conversations, domain=None, **kwargs):
-        kwargs.setdefault("padding", True)
-        kwargs.setdefault("return_tensors", "pt")
-        return self.tokenizer.apply_chat_template(conversations, domain=domain, **kwargs)
-
-    def tokenizer_for(self, name):
-        return self.tokenizer.tokenizer_for(name)
-
-    def _check_domain(self, name):
-        return self.check_domain(name)
-
-    def _backbone_vocab(self):
-        return self.tokenizer.backbone_vocab()
-
-    def _backbone_tokenizer(self):
-        return self.tokenizer.backbone_tokenizer()
-
     # Domain packs: the logic lives in `domain_experts.packs`, which the remote-code copy of this file does not have.
 
     @staticmethod
@@ -1466,6 +1440,18 @@ def _check_structure(backbone: PreTrainedModel, architecture: Architecture) -> N
     if attention not in _SUPPORTED_ATTENTION:
         raise ValueError(f"Attention implementation {attention!r} is not supported (its masks cannot be restricted to a "
                          f"domain's rows); load the backbone with attn_implementation in {_SUPPORTED_ATTENTION}.")
+
+
+if __name__ == "domain_experts.modeling_domain_experts":
+    # The installed package registers the model with the Auto classes, and makes `save_pretrained` copy these flat
+    # files next to the weights and write `auto_map`, so a saved model loads with `trust_remote_code=True` where the
+    # package is not installed. (A remote-code copy of this file is registered by transformers itself.)
+    from transformers import AutoConfig
+
+    AutoConfig.register(DomainExpertsConfig.model_type, DomainExpertsConfig, exist_ok=True)
+    AutoModelForCausalLM.register(DomainExpertsConfig, DomainExpertsForCausalLM, exist_ok=True)
+    DomainExpertsConfig.register_for_auto_class()
+    DomainExpertsForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 __all__ = [

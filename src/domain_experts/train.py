@@ -1,15 +1,22 @@
-"""One readable Accelerate training loop: train one domain of a DomainExperts model, or pretrain a small backbone.
+"""One readable Accelerate training loop: train domains of a DomainExperts model, or pretrain a small backbone.
 
 Runs unchanged under `python` and under `accelerate launch` (several processes: GPUs or, on a machine without them,
 gloo processes on the CPU; FSDP and DeepSpeed on GPUs, see examples/):
 
     domain-experts train --model smollm2 --domain recipes --add-domain --train-file recipes.train.jsonl \\
         --validation-file recipes.validation.jsonl --output-dir runs/recipes --max-steps 200
+    domain-experts train --model smollm2 --add-domain --domain recipes=recipes.jsonl --domain legal=legal.jsonl ...
     accelerate launch --config_file examples/accelerate_config.yaml -m domain_experts.cli train ...   # same flags
     domain-experts train --preset tiny --vocab-size 4096 --train-file stories.train.jsonl --output-dir runs/stories
 
 `batch_size` is the global batch of one optimizer step before gradient accumulation; Accelerate splits it across
 processes, so a run gives the same result whatever the number of processes (up to floating-point reduction order).
+
+Several domains train in one run as if each were trained alone on its own rows: every batch holds `batch_size /
+domains` rows of each (interleaved, so that every process gets rows of each), drawn from that domain's own seeded
+order; the loss is the sum over domains of each domain's mean token loss over the whole batch (`domain_balanced_loss`),
+so a domain's parameters get the gradient of its own rows' mean loss; and gradients are clipped domain by domain.
+A domain trained alone with `batch_size / domains` rows per step takes the same steps (tested).
 
 The run folder (`--output-dir`):
 
@@ -51,6 +58,8 @@ from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging
 
+from .configuration_domain_experts import AdapterConfig, check_domain_name
+from .modeling_domain_experts import BASE_ROUTE
 from .files import (
     DataFileError,
     check_location,
@@ -91,15 +100,33 @@ __all__ = ["TrainingConfig", "find_resumable_checkpoint", "latest_checkpoint", "
 
 
 def _validate(config: TrainingConfig) -> None:
-    if (config.preset is None) == (config.domain is None):
+    if (config.preset is None) == (not config.domain):
         raise ValueError("Pass either --domain (train a domain) or --preset (pretrain a backbone from scratch).")
     if config.preset is None and config.model is None:
         raise ValueError("Training a domain needs --model (a DomainExperts model, a backbone, or 'smollm2').")
-    if config.dataset is None and config.train_file is None:
+    sources = config.domain_sources()
+    for name in sources:
+        check_domain_name(name)
+    own_files = [name for name, (train_file, _) in sources.items() if train_file]
+    shared_data = config.train_file or config.validation_file or config.dataset
+    if own_files and (len(own_files) != len(sources) or shared_data):
+        raise ValueError("Give every --domain its own files (NAME=TRAIN_FILE[,VALIDATION_FILE]) and no --train-file, "
+                         "--validation-file or --dataset; or train one domain on --train-file or --dataset.")
+    if len(sources) > 1 and not own_files:
+        raise ValueError("Several domains each need their own files: --domain NAME=TRAIN_FILE[,VALIDATION_FILE].")
+    if not own_files and config.dataset is None and config.train_file is None:
         raise ValueError("Pass --train-file or --dataset.")
+    if sources and config.batch_size % len(sources):
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {len(sources)} domains: every "
+                         "batch holds as many rows of each.")
+    if (config.adapter_rank or config.adapter_targets or config.adapter_alpha) and not config.add_domain:
+        raise ValueError("--adapter-rank, --adapter-alpha and --adapter-targets configure domains added with "
+                         "--add-domain.")
+    if (config.adapter_targets or config.adapter_alpha) and not config.adapter_rank:
+        raise ValueError("--adapter-alpha and --adapter-targets need --adapter-rank.")
     if config.model not in (None, "smollm2"):
         check_location(config.model)
-    for path in (config.train_file, config.validation_file):
+    for path in (config.train_file, config.validation_file, *(f for pair in sources.values() for f in pair)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"No such data file: {path}")
     if config.block_size < 2:
@@ -180,10 +207,22 @@ def _check_distributed_setup(accelerator: Accelerator) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_text_datasets(config: TrainingConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """The training and validation rows, each with the text column, checked non-empty."""
+def load_text_datasets(config: TrainingConfig) -> dict[str | None, tuple[datasets.Dataset, datasets.Dataset]]:
+    """The training and validation rows of each domain (None: the backbone's pretraining text), each with the text
+    column, checked non-empty."""
+    sources = config.domain_sources()
+    if any(train_file for train_file, _ in sources.values()):
+        return {name: _load_rows(config, train_file, validation_file, f" of domain {name}")
+                for name, (train_file, validation_file) in sources.items()}
+    (name,) = sources or [None]
+    return {name: _load_rows(config, config.train_file, config.validation_file, "")}
+
+
+def _load_rows(config: TrainingConfig, train_file: str | None, validation_file: str | None,
+               owner: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Training and validation rows from files (or `config.dataset`); validation held out of training if none."""
     column = config.text_column
-    if config.dataset is not None:
+    if train_file is None:
         loaded = datasets.load_dataset(config.dataset, config.dataset_config)
         if "train" not in loaded:
             raise ValueError(f"The dataset {config.dataset} has no 'train' split (it has {list(loaded)}).")
@@ -197,19 +236,18 @@ def load_text_datasets(config: TrainingConfig) -> tuple[datasets.Dataset, datase
                                  "column with --text-column.")
         train, validation = loaded["train"], loaded.get("validation")
     else:
-        train = read_text_file(config.train_file, column, role="training file")
-        validation = read_text_file(config.validation_file, column, role="validation file") if (
-            config.validation_file) else None
-    source = config.train_file or config.dataset
-    train = _rows_with_text(train, column, "training data", source)
+        train = read_text_file(train_file, column, role=f"training file{owner}")
+        validation = read_text_file(validation_file, column, role=f"validation file{owner}") if validation_file else None
+    source = train_file or config.dataset
+    train = _rows_with_text(train, column, f"training data{owner}", source)
     if validation is not None:
-        validation = _rows_with_text(validation, column, "validation data", config.validation_file or config.dataset)
+        validation = _rows_with_text(validation, column, f"validation data{owner}", validation_file or config.dataset)
     else:
         held_out = max(1, len(train) * config.validation_split_percentage // 100)
         if held_out >= len(train):
             raise ValueError(f"The training data ({source}) has {len(train)} row(s) with text: too few to hold out "
-                             f"{config.validation_split_percentage}% for validation. Pass --validation-file, or more "
-                             "rows.")
+                             f"{config.validation_split_percentage}% for validation. Pass --validation-file (with "
+                             "--domain NAME=TRAIN_FILE,VALIDATION_FILE, after the comma), or more rows.")
         split = train.train_test_split(test_size=held_out, seed=config.seed)
         train, validation = split["train"], split["test"]
     if config.max_train_samples:
@@ -230,30 +268,35 @@ def _rows_with_text(rows: datasets.Dataset, column: str, what: str, source: str)
     return kept
 
 
-def model_to_train(config: TrainingConfig, train_texts: list[str]):
-    """The model to train and its tokenizer: a from-scratch backbone, or a DomainExperts model with the domain."""
+def model_to_train(config: TrainingConfig, train_texts: dict[str | None, list[str]]):
+    """The model to train and the tokenizer of each domain (None: a backbone pretrained from scratch, with its own)."""
     if config.preset is not None:
         from .scratch import create_backbone, train_tokenizer
 
-        tokenizer = train_tokenizer(train_texts, vocab_size=config.vocab_size)
+        tokenizer = train_tokenizer(train_texts[None], vocab_size=config.vocab_size)
         model = create_backbone(config.preset, tokenizer, seed=config.seed,
                                 max_position_embeddings=max(1024, config.block_size))
-        return model, tokenizer
+        return model, {None: tokenizer}
     from .evaluation import load_model
 
     model = load_model(config.model)
     if model.tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer; training needs one.")
-    if config.add_domain:
-        set_seed(config.seed)
-        model.add_domain(config.domain, num_blocks=config.num_blocks,
-                         corpus=train_texts if config.new_tokens else None,
-                         num_new_tokens=config.new_tokens or None)
-    elif config.domain not in model.domains:
-        known = ", ".join(model.domain_names) or "none"
-        raise ValueError(f"Unknown domain {config.domain!r} in {config.model} (it has: {known}); "
-                         "pass --add-domain to create it.")
-    return model, model.tokenizer_for(config.domain)
+    adapters = None
+    if config.adapter_rank:
+        adapters = AdapterConfig(r=config.adapter_rank, alpha=config.adapter_alpha or 2.0 * config.adapter_rank,
+                                 target_modules=config.adapter_targets or "all-linear")
+    for name in train_texts:
+        if config.add_domain:
+            set_seed(config.seed)
+            model.add_domain(name, num_blocks=config.num_blocks, adapters=adapters,
+                             corpus=train_texts[name] if config.new_tokens else None,
+                             num_new_tokens=config.new_tokens or None)
+        elif name not in model.domains:
+            known = ", ".join(model.domain_names) or "none"
+            raise ValueError(f"Unknown domain {name!r} in {config.model} (it has: {known}); pass --add-domain to "
+                             "create it.")
+    return model, {name: model.tokenizer.tokenizer_for(name) for name in train_texts}
 
 
 def _context_length(model) -> int | None:
@@ -293,14 +336,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def run_fingerprints(model, tokenizer, train_rows, validation_rows, config: TrainingConfig) -> dict[str, str]:
+def run_fingerprints(model, tokenizers: dict, rows: dict, config: TrainingConfig) -> dict[str, str]:
     """What the run starts from, by name (names are those of `--resume`'s messages)."""
-    return {
-        "training data": texts_fingerprint(train_rows[config.text_column]),
-        "validation data": texts_fingerprint(validation_rows[config.text_column]),
-        "starting model": tensors_fingerprint(model),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-    }
+    fingerprints = {}
+    for name, (train_rows, validation_rows) in rows.items():
+        suffix = f" ({name})" if len(rows) > 1 else ""
+        fingerprints[f"training data{suffix}"] = texts_fingerprint(train_rows[config.text_column])
+        fingerprints[f"validation data{suffix}"] = texts_fingerprint(validation_rows[config.text_column])
+        fingerprints[f"tokenizer{suffix}"] = tokenizer_fingerprint(tokenizers[name])
+    fingerprints["starting model"] = tensors_fingerprint(model)
+    return fingerprints
 
 
 def _versions() -> dict[str, str]:
@@ -319,6 +364,8 @@ def _check_same_start(saved: dict, fingerprints: dict[str, str], config: Trainin
     """Refuse to resume a run whose data, starting model or tokenizer changed since it started."""
     sources = {"training data": config.train_file or config.dataset, "validation data": config.validation_file,
                "starting model": config.model or f"--preset {config.preset}", "tokenizer": config.model}
+    for name, (train_file, validation_file) in config.domain_sources().items():
+        sources |= {f"training data ({name})": train_file, f"validation data ({name})": validation_file}
     changed = [name for name, value in fingerprints.items() if saved["fingerprints"].get(name) != value]
     if changed:
         details = "; ".join(
@@ -341,7 +388,8 @@ def _check_same_start(saved: dict, fingerprints: dict[str, str], config: Trainin
 
 def tokenize_into_blocks(rows: datasets.Dataset, tokenizer, config: TrainingConfig, length: int,
                          what: str = "text") -> datasets.Dataset:
-    """Rows of `length` token ids: texts (each ended by EOS) packed end to end, or each truncated to `length`."""
+    """Rows of `length` token ids (`input_ids`): texts (each ended by EOS) packed end to end, or each truncated to
+    `length`."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):
@@ -360,25 +408,78 @@ def tokenize_into_blocks(rows: datasets.Dataset, tokenizer, config: TrainingConf
     return tokenized.map(pack, batched=True, batch_size=1000, desc=f"Packing the {what} into blocks of {length} tokens")
 
 
-class Collator:
-    """Pads rows on the right and, for a domain, puts its control token first on the steps that keep it.
+class MixedBatchSampler(torch.utils.data.Sampler):
+    """The batches of a whole run: each holds `rows_per_domain` rows of every domain, interleaved (so that every
+    process of a split batch gets rows of each), a domain's rows drawn from its own order.
 
-    Whether a step keeps the control token depends only on (seed, step), so a resumed run sees the same batches.
-    Steps without it pass `domain_ids` instead: the domain also learns to serve rows the gate routes to it.
+    A domain's order depends only on the seed and its name (a new permutation of its rows each time they run out), so a
+    domain takes the same rows at each step whatever other domains share the run, and a resumed run replays them.
+
+    Args:
+        domain_rows (`list[tuple[str | None, int, int]]`): each domain's name, and the start and number of its rows in
+            the concatenated dataset.
+        rows_per_domain (`int`): rows of each domain per batch.
+        num_batches (`int`): batches in the run (optimizer steps times gradient accumulation).
+        seed (`int`): the run's seed.
     """
 
-    def __init__(self, pad_token_id: int, control_token_id: int | None, domain_index: int | None,
-                 control_token_dropout: float, seed: int):
+    def __init__(self, domain_rows: list[tuple[str | None, int, int]], rows_per_domain: int, num_batches: int,
+                 seed: int):
+        self.domain_rows = domain_rows
+        self.rows_per_domain = rows_per_domain
+        self.num_batches = num_batches
+        self.seed = seed
+        self.batch_size = rows_per_domain * len(domain_rows)  # Accelerate splits batches of this size
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _order(self, name: str | None, count: int, epoch: int) -> list[int]:
+        key = f"{self.seed}/{name}/{epoch}".encode()
+        generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        return torch.randperm(count, generator=generator).tolist()
+
+    def __iter__(self):
+        orders: dict = {}
+        for batch in range(self.num_batches):
+            columns = []
+            for name, start, count in self.domain_rows:
+                rows = []
+                for position in range(batch * self.rows_per_domain, (batch + 1) * self.rows_per_domain):
+                    epoch = position // count
+                    if orders.get(name, (None,))[0] != epoch:
+                        orders[name] = (epoch, self._order(name, count, epoch))
+                    rows.append(start + orders[name][1][position % count])
+                columns.append(rows)
+            yield [index for row in zip(*columns) for index in row]
+
+
+class Collator:
+    """Pads rows on the right and, in domain training, routes each row to its domain: its control token first on the
+    steps that keep it, and `domain_ids` always.
+
+    Whether a step keeps the control tokens depends only on (seed, step), so a resumed run sees the same batches.
+    Steps without them train the domains to serve rows the learned gate routes to them.
+
+    Args:
+        pad_token_id (`int`): the padding id.
+        control_token_ids (`list[int]`, *optional*): each domain's control token, by domain index (None: no domain).
+        control_token_dropout (`float`): share of steps without control tokens.
+        seed (`int`): the run's seed.
+    """
+
+    def __init__(self, pad_token_id: int, control_token_ids: list[int] | None, control_token_dropout: float,
+                 seed: int):
         self.pad_token_id = pad_token_id
-        self.control_token_id = control_token_id
-        self.domain_index = domain_index
+        self.control_token_ids = control_token_ids
         self.control_token_dropout = control_token_dropout
         self.seed = seed
 
     def __call__(self, rows: list[dict], step: int) -> dict:
         keep_control = random.Random(f"{self.seed}/{step}").random() >= self.control_token_dropout
-        sequences = [([self.control_token_id] if self.control_token_id is not None and keep_control else [])
-                     + row["input_ids"] for row in rows]
+        domains = [row["domain"] for row in rows]
+        sequences = [([self.control_token_ids[domain]] if self.control_token_ids and keep_control else [])
+                     + row["input_ids"] for row, domain in zip(rows, domains)]
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -387,8 +488,8 @@ class Collator:
             attention_mask[i, : len(sequence)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "labels": input_ids.masked_fill(attention_mask == 0, -100)}
-        if self.domain_index is not None and not keep_control:
-            batch["domain_ids"] = torch.full((len(sequences),), self.domain_index, dtype=torch.long)
+        if self.control_token_ids:
+            batch["domain_ids"] = torch.tensor(domains, dtype=torch.long)
         return batch
 
 
@@ -404,6 +505,31 @@ class _StepCollator:
         batch = self.collator(rows, self.calls // self.batches_per_step)
         self.calls += 1
         return batch
+
+
+def domain_balanced_loss(logits: torch.Tensor, labels: torch.LongTensor, domain_ids: torch.LongTensor | None,
+                         num_domains: int, accelerator: Accelerator) -> torch.Tensor:
+    """The sum over domains of each domain's mean token loss over the whole batch (all processes), as a process's
+    share of it: DDP averages the processes' gradients, so their losses sum to the batch's.
+
+    Each domain's parameters get the gradient of its own rows' mean loss, the same as if the domain trained alone on
+    those rows; with one domain (or none) it is the usual mean token loss.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch, length, vocab)`), labels (`torch.LongTensor` of shape
+            `(batch, length)`): targets shifted inside, -100 ignored.
+        domain_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): each row's domain index (None: one group).
+        num_domains (`int`): how many domains the model has (domain indices are below it).
+    """
+    targets = labels[:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                                     ignore_index=-100, reduction="none")
+    groups = domain_ids + 1 if domain_ids is not None else torch.zeros(labels.shape[0], dtype=torch.long)
+    groups = groups.to(labels.device)
+    counts = torch.zeros(num_domains + 1, device=labels.device).index_add(0, groups, (targets != -100).sum(dim=1).float())
+    counts = accelerator.reduce(counts, reduction="sum")  # target tokens of each domain in the whole batch
+    row_losses = token_losses.sum(dim=1)
+    return (row_losses / counts[groups].clamp(min=1)).sum() * accelerator.num_processes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,21 +687,29 @@ def _checkpoint_trainable_tensors_only(accelerator: Accelerator) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataloader, accelerator: Accelerator) -> dict:
-    """Validation loss and perplexity per target token, over all processes."""
+def evaluate_loss(model, dataloader, accelerator: Accelerator, domain_names: list[str] | None = None) -> dict:
+    """Validation loss and perplexity per target token, over all processes; with `domain_names`, each domain's too
+    (`eval_loss_NAME`)."""
     model.eval()
-    total_loss, total_tokens = 0.0, 0
+    totals: dict[int, list[float]] = {}
     for batch in dataloader:
         labels = batch.pop("labels")[:, 1:]
         logits = model(**batch).logits[:, :-1].float()
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        domains = batch.get("domain_ids", torch.full((labels.shape[0],), BASE_ROUTE, device=labels.device))
         # Per row, so that `gather_for_metrics` can drop the rows repeated to fill the last batch of a process.
-        row_loss, row_tokens = accelerator.gather_for_metrics((losses.sum(dim=1), (labels != -100).sum(dim=1)))
-        total_loss += float(row_loss.sum())
-        total_tokens += int(row_tokens.sum())
+        row_loss, row_tokens, row_domain = accelerator.gather_for_metrics(
+            (losses.sum(dim=1), (labels != -100).sum(dim=1), domains.to(labels.device)))
+        for loss, tokens, domain in zip(row_loss.tolist(), row_tokens.tolist(), row_domain.tolist()):
+            total = totals.setdefault(domain, [0.0, 0])
+            total[0] += loss
+            total[1] += tokens
     model.train()
-    mean = total_loss / max(total_tokens, 1)
-    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50))}
+    mean = sum(loss for loss, _ in totals.values()) / max(sum(tokens for _, tokens in totals.values()), 1)
+    metrics = {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50))}
+    if domain_names and len(totals) > 1:
+        metrics |= {f"eval_loss_{domain_names[domain]}": loss / max(tokens, 1) for domain, (loss, tokens) in totals.items()}
+    return metrics
 
 
 def train(config: TrainingConfig):
@@ -589,19 +723,24 @@ def train(config: TrainingConfig):
         return _train(config)
 
 
+def _in_group(parameter_name: str, group: str | None) -> bool:
+    """Whether a parameter (by its name in the prepared model) belongs to domain `group` (None: the backbone)."""
+    return group is None or f"domains.{group}." in parameter_name
+
+
 def _train(config: TrainingConfig):
     _validate(config)
     output_dir = Path(config.output_dir)
-    train_rows, validation_rows = load_text_datasets(config)
-    model, tokenizer = model_to_train(config, train_rows[config.text_column])
+    rows = load_text_datasets(config)
+    model, tokenizers = model_to_train(config, {name: train[config.text_column] for name, (train, _) in rows.items()})
     context = _context_length(model)
     if context is not None and config.block_size > context:
         raise ValueError(f"block_size={config.block_size} is larger than the backbone's context of {context} tokens.")
-    run_config = _run_config(config, run_fingerprints(model, tokenizer, train_rows, validation_rows, config))
+    run_config = _run_config(config, run_fingerprints(model, tokenizers, rows, config))
     if config.resume:
         _check_same_start(read_run_config(output_dir), run_config["fingerprints"], config)
 
-    is_domain = config.domain is not None
+    is_domain = config.preset is None
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -609,7 +748,7 @@ def _train(config: TrainingConfig):
         log_with=config.report_to,
         project_dir=str(output_dir),
         # The batch is global and split across processes: results do not depend on the number of processes.
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         # Steps without the control token leave its embedding unused (DDP would otherwise stop at the next step).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=is_domain)],
         # Several processes and no GPU: gloo processes on the CPU.
@@ -621,44 +760,63 @@ def _train(config: TrainingConfig):
                          "processes.")
     set_seed(config.seed)
 
+    # Each domain's text in blocks of its own tokenizer's tokens, tagged with the domain's index.
     length = config.block_size - 1 if is_domain else config.block_size  # room for the control token
+    domain_index = {name: (model.domain_names.index(name) if is_domain else BASE_ROUTE) for name in rows}
+    train_parts, validation_parts = [], []
     with accelerator.main_process_first():
-        train_blocks = tokenize_into_blocks(train_rows, tokenizer, config, length, "training text")
-        validation_blocks = tokenize_into_blocks(validation_rows, tokenizer, config, length, "validation text")
-    if len(train_blocks) == 0:
-        raise ValueError(f"The training text is shorter than one block of {config.block_size} tokens; lower "
-                         "--block-size or pass --no-packing.")
-    if len(validation_blocks) == 0:
-        validation_blocks = tokenize_into_blocks(validation_rows, tokenizer, dataclasses.replace(config, packing=False),
-                                                 length, "validation text")
+        for name, (train_rows, validation_rows) in rows.items():
+            owner = f" of domain {name}" if len(rows) > 1 else ""
+            train_blocks = tokenize_into_blocks(train_rows, tokenizers[name], config, length, f"training text{owner}")
+            validation_blocks = tokenize_into_blocks(validation_rows, tokenizers[name], config, length,
+                                                     f"validation text{owner}")
+            if len(validation_blocks) == 0:
+                validation_blocks = tokenize_into_blocks(validation_rows, tokenizers[name],
+                                                         dataclasses.replace(config, packing=False), length,
+                                                         f"validation text{owner}")
+            if len(train_blocks) < config.batch_size // len(rows):
+                raise ValueError(f"The training text{owner} makes {len(train_blocks)} blocks of {config.block_size} "
+                                 f"tokens, fewer than one batch's {config.batch_size // len(rows)}; lower "
+                                 "--batch-size or --block-size, or pass --no-packing.")
+            train_parts.append(train_blocks.add_column("domain", [domain_index[name]] * len(train_blocks)))
+            validation_parts.append(validation_blocks.add_column("domain",
+                                                                 [domain_index[name]] * len(validation_blocks)))
+    train_blocks = datasets.concatenate_datasets(train_parts)
+    validation_blocks = datasets.concatenate_datasets(validation_parts)
+    starts = [sum(len(part) for part in train_parts[:i]) for i in range(len(train_parts))]
+    domain_rows = [(name, start, len(part)) for name, start, part in zip(rows, starts, train_parts)]
 
     if is_domain:
         model.requires_grad_(False)
-        trainable = [p for n, p in model.domains[config.domain].named_parameters() if not n.startswith("gate_")]
-        for parameter in trainable:
+        parameter_groups = {name: [p for n, p in model.domains[name].named_parameters() if not n.startswith("gate_")]
+                            for name in rows}
+        for parameter in (p for group in parameter_groups.values() for p in group):
             parameter.requires_grad_(True)
-        collator = Collator(tokenizer.pad_token_id or 0, model.control_token_id(config.domain),
-                            model.domain_names.index(config.domain), config.control_token_dropout, config.seed)
+        control_token_ids = [model.control_token_id(name) for name in model.domain_names]
+        collator = Collator(tokenizers[next(iter(rows))].pad_token_id or 0, control_token_ids,
+                            config.control_token_dropout, config.seed)
     else:
-        trainable = list(model.parameters())
-        collator = Collator(tokenizer.pad_token_id or 0, None, None, 0.0, config.seed)
-    logger.info(f"Training {sum(p.numel() for p in trainable):,} parameters "
-                f"({'domain ' + repr(config.domain) if is_domain else 'the whole backbone'}).")
+        parameter_groups = {None: list(model.parameters())}
+        collator = Collator(tokenizers[None].pad_token_id or 0, None, 0.0, config.seed)
+    logger.info(f"Training {sum(p.numel() for group in parameter_groups.values() for p in group):,} parameters "
+                f"({'domains ' + ', '.join(rows) if is_domain else 'the whole backbone'}).")
 
-    if len(train_blocks) < config.batch_size:
-        raise ValueError(f"The training data makes {len(train_blocks)} blocks, fewer than one batch of "
-                         f"{config.batch_size}; lower --batch-size or --block-size.")
+    sampler = MixedBatchSampler(domain_rows, config.batch_size // len(rows),
+                                config.max_steps * config.gradient_accumulation_steps, config.seed)
     train_loader = torch.utils.data.DataLoader(
-        train_blocks, batch_size=config.batch_size, shuffle=True, drop_last=True,
-        collate_fn=_StepCollator(collator, config.gradient_accumulation_steps))
+        train_blocks, batch_sampler=sampler, collate_fn=_StepCollator(collator, config.gradient_accumulation_steps))
     eval_loader = torch.utils.data.DataLoader(
-        validation_blocks, batch_size=config.batch_size, collate_fn=lambda rows: collator(rows, step=0))
+        validation_blocks, batch_size=config.batch_size, collate_fn=lambda batch_rows: collator(batch_rows, step=0))
+    trainable = [p for group in parameter_groups.values() for p in group]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.max_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters by sharded ones
+    # FSDP replaces the parameters by sharded ones: find each domain's again, by name.
+    named = dict(model.named_parameters())
+    parameter_groups = {group: [named[n] for n, p in named.items() if p.requires_grad and _in_group(n, group)]
+                        for group in parameter_groups}
     _checkpoint_trainable_tensors_only(accelerator)
 
     completed_steps = 0
@@ -674,49 +832,47 @@ def _train(config: TrainingConfig):
         if not accelerator.trackers:
             raise ValueError(f"Tracker {config.report_to!r} is not installed.")
 
-    # Accelerate ends an epoch with an optimizer step even when its last accumulation is short.
-    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    progress = tqdm(total=config.max_steps, initial=completed_steps, unit="step",
-                    desc=f"Training {'domain ' + config.domain if is_domain else 'the backbone'}",
+    domain_names = accelerator.unwrap_model(model).domain_names if is_domain else None
+    num_domains = len(domain_names) if is_domain else 0
+    what = (f"domain{'s' if len(rows) > 1 else ''} {', '.join(rows)}") if is_domain else "the backbone"
+    progress = tqdm(total=config.max_steps, initial=completed_steps, unit="step", desc=f"Training {what}",
                     disable=not accelerator.is_local_main_process)
     model.train()
-    epoch = completed_steps // steps_per_epoch
-    while completed_steps < config.max_steps:
-        # The seedable sampler draws each epoch's order from (seed, epoch): a resumed run replays it and skips ahead.
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        batches_done = (completed_steps - epoch * steps_per_epoch) * config.gradient_accumulation_steps
-        train_loader.collate_fn.calls = completed_steps * config.gradient_accumulation_steps
-        if batches_done:
-            loader = accelerator.skip_first_batches(train_loader, batches_done)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            completed_steps += 1
-            progress.update(1)
-            logs = {"loss": loss.item(), "perplexity": math.exp(min(loss.item(), 50)), "lr": scheduler.get_last_lr()[0]}
-            progress.set_postfix(loss=f"{logs['loss']:.3f}")
-            accelerator.log(logs, step=completed_steps)
-            if config.eval_steps and completed_steps % config.eval_steps == 0 and completed_steps < config.max_steps:
-                metrics = evaluate_loss(model, eval_loader, accelerator)
-                accelerator.log(metrics, step=completed_steps)
-                logger.info(f"step {completed_steps}: {metrics}")
-            if config.checkpoint_steps and completed_steps % config.checkpoint_steps == 0:
-                save_checkpoint(accelerator, output_dir, completed_steps, config.keep_checkpoints, run_config["run_id"])
-            if completed_steps >= config.max_steps:
-                break
-        epoch += 1
+    # The batches of the whole run in order (MixedBatchSampler): a resumed run skips those already trained on.
+    train_loader.collate_fn.calls = completed_steps * config.gradient_accumulation_steps
+    loader = train_loader
+    if completed_steps:
+        loader = accelerator.skip_first_batches(train_loader, completed_steps * config.gradient_accumulation_steps)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            loss = domain_balanced_loss(logits, labels, batch.get("domain_ids"), num_domains, accelerator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                for group in parameter_groups.values():  # each domain clipped as if it trained alone
+                    accelerator.clip_grad_norm_(group, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        completed_steps += 1
+        progress.update(1)
+        logs = {"loss": loss.item() / max(len(rows), 1), "lr": scheduler.get_last_lr()[0]}
+        progress.set_postfix(loss=f"{logs['loss']:.3f}")
+        accelerator.log(logs, step=completed_steps)
+        if config.eval_steps and completed_steps % config.eval_steps == 0 and completed_steps < config.max_steps:
+            metrics = evaluate_loss(model, eval_loader, accelerator, domain_names)
+            accelerator.log(metrics, step=completed_steps)
+            logger.info(f"step {completed_steps}: {metrics}")
+        if config.checkpoint_steps and completed_steps % config.checkpoint_steps == 0:
+            save_checkpoint(accelerator, output_dir, completed_steps, config.keep_checkpoints, run_config["run_id"])
+        if completed_steps >= config.max_steps:
+            break
     progress.close()
 
-    metrics = evaluate_loss(model, eval_loader, accelerator)
+    metrics = evaluate_loss(model, eval_loader, accelerator, domain_names)
     accelerator.log(metrics, step=completed_steps)
     if accelerator.is_main_process:
         logger.warning(f"Finished {completed_steps} steps: validation loss {metrics['eval_loss']:.4f}, "
@@ -728,7 +884,7 @@ def _train(config: TrainingConfig):
         def write(folder: Path) -> None:
             model.save_pretrained(folder, state_dict=state_dict)
             if not is_domain:
-                tokenizer.save_pretrained(folder)
+                tokenizers[None].save_pretrained(folder)
             (folder / "eval_results.json").write_text(json.dumps(metrics, indent=2))
 
         write_folder_atomically(output_dir / FINAL_MODEL_FOLDER, write, replaceable="config.json")

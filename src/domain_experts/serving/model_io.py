@@ -24,9 +24,9 @@ class ModelIO:
     Routes are named: `base`, `auto`, or a domain name. A route index is a domain's index in `model.domain_names`,
     `BASE_ROUTE` for the bare backbone, or None for `auto` until the gate has decided.
 
-    Tokenizer calls hold a lock: request handlers tokenize while the engine thread decodes, and a `tokenizers` object
-    must not be used from two threads while one of them changes its settings. Forward passes (the gate's included)
-    run in the engine thread only: the model keeps the routing of the batch in flight on itself.
+    Tokenizer calls hold a lock: request handlers tokenize while the engine thread decodes, and a transformers fast
+    tokenizer sets options of its `tokenizers` backend on every call. Forward passes (the gate's included) run in the
+    engine thread, which owns the batch and its cache.
     """
 
     def __init__(self, model):
@@ -50,7 +50,7 @@ class ModelIO:
         self._tokenizer_lock = threading.Lock()
         # Read once: the tokenizers do not change while serving, and `all_special_ids` is rebuilt on every access.
         self._special_ids = {
-            route: frozenset(model.tokenizer_for(self._domain(route)).all_special_ids)
+            route: frozenset(model.tokenizer.tokenizer_for(self._domain(route)).all_special_ids)
             for route in (BASE_ROUTE, *range(len(self.domain_names)))
         }
 
@@ -77,8 +77,7 @@ class ModelIO:
         `auto` and `base` prompts carry no control token; typed control tokens stay plain text.
         """
         with self._tokenizer_lock:
-            encoded = self.model.tokenize([text], domain=[self._domain(route)], return_tensors=None)
-        return list(encoded["input_ids"][0])
+            return list(self.model.tokenizer(text, domain=self._domain(route))["input_ids"])
 
     def encode_chat(self, messages: list[dict], route: int | None) -> list[int]:
         """Token ids of a chat (with the generation prompt) in the route's tokenizer, control token first.
@@ -87,30 +86,15 @@ class ModelIO:
         """
         domain = self._domain(route)
         with self._tokenizer_lock:
-            tokenizer = self.model.tokenizer_for(domain)
-            if tokenizer.chat_template is None:
+            if self.model.tokenizer.tokenizer_for(domain).chat_template is None:
                 raise ValueError("The model's tokenizer has no chat template: use /v1/completions with plain text.")
-            # As in `DomainExpertsForCausalLM.apply_chat_template`, but with the domain's own tokenizer (which that
-            # method does not use yet): the template writes its special tokens as text, so they must be parsed in
-            # this call, while `sanitize_control_tokens` keeps those inside messages plain text.
-            split_special_tokens = tokenizer.split_special_tokens
-            tokenizer.split_special_tokens = False
-            try:
-                input_ids = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=True
-                )["input_ids"]
-            finally:
-                tokenizer.split_special_tokens = split_special_tokens
-        if domain is None:
-            return list(input_ids)
-        bos = self.model.tokenizer.bos_token_id
-        insert_at = 1 if bos is not None and input_ids[:1] == [bos] else 0
-        return [*input_ids[:insert_at], self.model.control_token_id(domain), *input_ids[insert_at:]]
+            return list(self.model.tokenizer.apply_chat_template(messages, domain=domain,
+                                                                  add_generation_prompt=True)["input_ids"])
 
     def decode(self, token_ids: list[int], route: int) -> str:
         """Text of generated tokens of a row on route `route`, in that route's tokenizer (special tokens skipped)."""
         with self._tokenizer_lock:
-            return self.model.tokenizer_for(self._domain(route)).decode(token_ids, skip_special_tokens=True)
+            return self.model.tokenizer.tokenizer_for(self._domain(route)).decode(token_ids, skip_special_tokens=True)
 
     def is_special(self, token_id: int, route: int) -> bool:
         """Whether `token_id` is a special token of the route's tokenizer (EOS, control tokens, ...)."""
