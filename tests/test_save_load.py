@@ -235,3 +235,13 @@ def test_a_model_and_a_pack_saved_by_release_0_1_0_give_the_same_outputs():
     own_in_composed = composed.config.domains["recipes"]["token_ids"][1:]
     assert torch.equal(pack_logits[..., :V], model_logits[..., :V])
     assert torch.equal(pack_logits[..., own_in_composed], model_logits[..., own])
+
+
+def test_an_unreachable_hub_name_fails_at_once_pointing_to_the_offline_backbone(monkeypatch):
+    """No network: the Hub id is looked up in the cache only (no minutes of retries), and the error names the way out."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(OSError, match="(?s)Cannot load backbone 'someone/some-model'.*from_backbone\\(\"smollm2\"\\)"):
+        DomainExpertsForCausalLM.from_backbone("someone/some-model")

