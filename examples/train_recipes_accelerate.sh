@@ -5,7 +5,8 @@
 # optimizer states (DeepSpeed ZeRO-2, needs `pip install deepspeed`).
 # Resume after an interruption by running it again with --resume; start it over with --overwrite.
 set -euo pipefail
-DATA=${DATA:-../shared/data}
+# The corpora's folder: shared/data beside the checkout, or the per-machine cache they are rebuilt into.
+DATA=${DATA:-$(python -c "from domain_experts.data import corpus_path; print(corpus_path('recipes', 'train').parent)")}
 accelerate launch --config_file "$(dirname "$0")/${CONFIG:-accelerate_config.yaml}" -m domain_experts.cli train \
     --model smollm2 --domain recipes --add-domain --num-blocks 4 --new-tokens 0 \
     --train-file "$DATA/recipes.train.jsonl" --validation-file "$DATA/recipes.validation.jsonl" \

