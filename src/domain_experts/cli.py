@@ -158,27 +158,11 @@ def pull(args: argparse.Namespace) -> None:
     print(f"pulled pack {manifest.name} from {args.repo_id} into {folder}")
 
 
-def parse_pack_spec(spec: str) -> dict:
-    """`[NAME=]SOURCE[@REVISION]` -> `load_domain` arguments; an existing folder is taken as it is."""
-    if os.path.isdir(spec):
-        return {"repo_id_or_path": spec}
-    name, separator, rest = spec.partition("=")
-    if not separator or "/" in name:
-        name, rest = None, spec
-    source, separator, revision = rest.partition("@")
-    entry = {"repo_id_or_path": source}
-    if separator:
-        entry["revision"] = revision
-    if name:
-        entry["name"] = name
-    return entry
-
-
 def compose(args: argparse.Namespace) -> None:
     """Load packs onto a backbone and save the composed model (and/or push it)."""
-    from .modeling_domain_experts import DomainExpertsForCausalLM
     from .files import write_folder_atomically
-    from .packs import write_model_card
+    from .modeling_domain_experts import DomainExpertsForCausalLM
+    from .packs import parse_pack_spec, write_model_card
 
     if not args.output and not args.push_to:
         raise ValueError("Say where the composed model goes: --output DIR and/or --push-to REPO_ID.")

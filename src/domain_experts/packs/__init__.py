@@ -42,7 +42,7 @@ from .manifest import (
     verify_pack_files,
 )
 from .peft_adapters import load_peft_adapter
-from .save_load import load_pack, load_packs, push_pack, save_pack
+from .save_load import load_pack, load_packs, parse_pack_spec, push_pack, save_pack
 
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "load_pack",
     "load_packs",
     "load_peft_adapter",
+    "parse_pack_spec",
     "pull_pack",
     "push_model_to_hub",
     "push_pack",

@@ -373,6 +373,23 @@ def _load(model, fetched: FetchedPack, name: str | None, repo_id_or_path) -> str
     return name
 
 
+def parse_pack_spec(spec: str) -> dict[str, str]:
+    """`[NAME=]SOURCE[@REVISION]` (the command line's way to name a pack) -> `load_pack` arguments; an existing folder
+    is taken as it is."""
+    if os.path.isdir(spec):
+        return {"repo_id_or_path": spec}
+    name, separator, rest = spec.partition("=")
+    if not separator or "/" in name:
+        name, rest = None, spec
+    source, separator, revision = rest.partition("@")
+    entry = {"repo_id_or_path": source}
+    if separator:
+        entry["revision"] = revision
+    if name:
+        entry["name"] = name
+    return entry
+
+
 def load_packs(model, packs: list[str | os.PathLike | dict[str, Any]]) -> list[str]:
     """Load several packs in order (see `load_pack`); each entry is a folder or repo id, or a dict of `load_pack`
     keyword arguments with `repo_id_or_path`, e.g. `{"repo_id_or_path": "bob/legal", "revision": "v1", "name": "law"}`."""
@@ -387,4 +404,4 @@ def load_packs(model, packs: list[str | os.PathLike | dict[str, Any]]) -> list[s
     return names
 
 
-__all__ = ["load_pack", "load_packs", "pack_tokenizer", "push_pack", "save_pack"]
+__all__ = ["load_pack", "load_packs", "pack_tokenizer", "parse_pack_spec", "push_pack", "save_pack"]

@@ -64,8 +64,8 @@ def run_serve(args: argparse.Namespace) -> None:
     """Load the model (and packs) named by `args`, then serve it."""
     from transformers.utils import logging
 
-    from ..cli import parse_pack_spec
     from ..modeling_domain_experts import DomainExpertsForCausalLM
+    from ..packs import parse_pack_spec
 
     logger = logging.get_logger(__name__)
 
