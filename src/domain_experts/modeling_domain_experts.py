@@ -496,9 +496,9 @@ class DomainExpansion(nn.Module):
             tokens, in the order of `config.domains[name]["token_ids"]`; row 0 is the control token, the rest are the
             tokens of the domain's tokenizer.
         output_embeddings (`nn.Parameter` of shape `(num_tokens - 1, hidden_size)`, or None): output rows of the
-            domain's tokenizer tokens, when the backbone does not tie its output embeddings to its input embeddings
-            (when it does, `token_embeddings[1:]` serve as output rows too).
-        output_bias (`nn.Parameter` of shape `(num_tokens - 1,)`, or None): when the backbone's LM head has a bias.
+            domain's tokenizer tokens, untied from their input rows (a domain saved by release 0.1.0 on a backbone
+            that ties its embeddings has none: `token_embeddings[1:]` serve as output rows too).
+        output_bias (`nn.Parameter` of shape `(num_tokens - 1,)`, or None): a bias on those output logits.
         gate_weight (`nn.Parameter` of shape `(hidden_size,)`), gate_bias (`nn.Parameter` of shape `(1,)`): the
             domain's entry in the learned gate, a logistic score on the mean gate-layer hidden state of a prompt.
         adapters (`nn.ModuleDict`): the routed low-rank adapters, `adapters[str(layer)]` mirroring the paths of the
@@ -617,7 +617,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         self.domains = nn.ModuleDict()
         for name, settings in config.domains.items():
             self.domains[name] = self._new_domain_module(settings["expansion_layers"], len(settings["token_ids"]),
-                                                         settings.get("adapters"))
+                                                         settings.get("adapters"), *self._output_rows(settings))
         self._domains_changed()
         self.post_init()
 
@@ -785,7 +785,10 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
 
         first_id = self.config.vocab_size
         token_ids = list(range(first_id, first_id + 1 + len(new_tokens)))
-        domain = self._new_domain_module(expansion_layers, len(token_ids), adapters)
+        # A domain's own tokens get output rows of their own and a bias; given tensors say what they have.
+        untied_output = "output_embeddings" in state_dict if state_dict is not None else True
+        output_bias = "output_bias" in state_dict if state_dict is not None else True
+        domain = self._new_domain_module(expansion_layers, len(token_ids), adapters, untied_output, output_bias)
         if state_dict is None:
             self._init_token_embeddings(domain, new_tokens)
         else:
@@ -806,6 +809,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             "token_ids": token_ids,
             "tokens": [control_token_for(name), *new_tokens],
             "gate": bool(gate_trained),
+            "untied_output": untied_output,
+            "output_bias": output_bias,
             **({"adapters": adapters} if adapters is not None else {}),
             **({"pack": dict(provenance)} if provenance else {}),
         }
@@ -857,10 +862,11 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             raise KeyError(f"Unknown domain {name!r}; this model has: {known}.")
 
     def domain_state_specs(self, expansion_layers: list[int], num_new_tokens: int,
-                           adapters: AdapterConfig | dict | None = None) -> dict[str, tuple[torch.dtype, tuple]]:
-        """Name -> (dtype, shape) of every tensor of a domain with these blocks, `num_new_tokens` tokens of its own and
-        these adapters, as `model.domains[name].state_dict()` would hold them (to check a pack before reading its
-        weights)."""
+                           adapters: AdapterConfig | dict | None = None, untied_output: bool = True,
+                           output_bias: bool = True) -> dict[str, tuple[torch.dtype, tuple]]:
+        """Name -> (dtype, shape) of every tensor of a domain with these blocks, `num_new_tokens` tokens of its own,
+        these adapters and output rows (untied, with a bias, as a domain added now has them), as
+        `model.domains[name].state_dict()` would hold them (to check a pack before reading its weights)."""
         specs = {}
         layers = self.decoder_layers
         for depth in sorted(set(expansion_layers)):
@@ -878,20 +884,24 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                     specs[f"adapters.{layer_index}.{path}.lora_A"] = (dtype, (adapters["r"], in_features))
                     specs[f"adapters.{layer_index}.{path}.lora_B"] = (dtype, (out_features, adapters["r"]))
         specs["token_embeddings"] = (dtype, (1 + num_new_tokens, hidden_size))
-        if num_new_tokens and self._untied_output():
+        if num_new_tokens and untied_output:
             specs["output_embeddings"] = (dtype, (num_new_tokens, hidden_size))
-        if num_new_tokens and getattr(self.backbone.get_output_embeddings(), "bias", None) is not None:
+        if num_new_tokens and output_bias:
             specs["output_bias"] = (dtype, (num_new_tokens,))
         specs["gate_weight"] = (torch.float32, (hidden_size,))
         specs["gate_bias"] = (torch.float32, (1,))
         return specs
 
-    def _untied_output(self) -> bool:
+    def _output_rows(self, settings: dict) -> tuple[bool, bool]:
+        """Whether a domain's own tokens have untied output rows and an output bias. Domains added since release 0.2
+        have both; an older domain's config says neither, and had them as its backbone's LM head did."""
         # The config, not the tensors: while loading, the backbone's weights are not tied yet.
-        return not self.config.backbone_config.get_text_config(decoder=True).tie_word_embeddings
+        tied = self.config.backbone_config.get_text_config(decoder=True).tie_word_embeddings
+        head_bias = getattr(self.backbone.get_output_embeddings(), "bias", None) is not None
+        return settings.get("untied_output", not tied), settings.get("output_bias", head_bias)
 
-    def _new_domain_module(self, expansion_layers: list[int], num_tokens: int,
-                           adapters: dict | None = None) -> DomainExpansion:
+    def _new_domain_module(self, expansion_layers: list[int], num_tokens: int, adapters: dict | None = None,
+                           untied_output: bool = True, output_bias: bool = True) -> DomainExpansion:
         input_embeddings = self.backbone.get_input_embeddings()
         domain = DomainExpansion(
             self.decoder_layers,
@@ -899,15 +909,16 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             self.architecture.identity_projections,
             num_tokens,
             hidden_size=input_embeddings.weight.shape[1],
-            untied_output=self._untied_output(),
-            output_bias=getattr(self.backbone.get_output_embeddings(), "bias", None) is not None,
+            untied_output=untied_output,
+            output_bias=output_bias,
             adapters=adapters,
         )
         return domain.to(device=input_embeddings.weight.device)
 
     @torch.no_grad()
     def _init_token_embeddings(self, domain: DomainExpansion, new_tokens: list[str]) -> None:
-        """Control token: the mean input embedding. Each new token: the mean of the backbone rows of its pieces."""
+        """Control token: the mean input embedding. Each new token: the mean of the backbone rows of its pieces (input
+        and output rows; output bias: the mean of the pieces' LM-head biases, or 0)."""
         input_weight = self.backbone.get_input_embeddings().weight
         output_module = self.backbone.get_output_embeddings()
         domain.token_embeddings[0] = input_weight.float().mean(dim=0).to(input_weight.dtype)
@@ -917,7 +928,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             domain.token_embeddings[row + 1] = input_weight[pieces].float().mean(dim=0).to(input_weight.dtype)
             if domain.output_embeddings is not None:
                 domain.output_embeddings[row] = output_module.weight[pieces].float().mean(dim=0)
-            if domain.output_bias is not None:
+            if domain.output_bias is not None and getattr(output_module, "bias", None) is not None:
                 domain.output_bias[row] = output_module.bias[pieces].float().mean()
 
     @torch.no_grad()

@@ -292,7 +292,9 @@ def _check_fits(model, manifest: PackManifest, source: str) -> None:
         raise PackError(f"{source}: domain {manifest.name!r} brings {len(manifest.tokens)} tokens of its own, and this "
                         "model has no tokenizer: pass the backbone's tokenizer to from_backbone.")
     try:
-        specs = model.domain_state_specs(manifest.expansion_layers, len(manifest.tokens), manifest.adapters)
+        specs = model.domain_state_specs(manifest.expansion_layers, len(manifest.tokens), manifest.adapters,
+                                         untied_output="output_embeddings" in manifest.tensors,
+                                         output_bias="output_bias" in manifest.tensors)
     except ValueError as error:  # adapters on linear layers or layers this backbone does not have
         raise PackError(f"{source}: {error}") from error
     expected = {key: TensorSpec(str(dtype).removeprefix("torch."), shape) for key, (dtype, shape) in specs.items()}
