@@ -48,7 +48,7 @@ Writes benchmarks/results/compare_methods_{S,M}.{json,md,png}.
 Everything measured is saved in WORK_DIR/SETTING/rows.json as soon as it is measured (each learning rate tried, each
 method's row, the speed phase); `--resume` keeps what it holds of a run with the same settings and measures only what
 is missing (the bare backbone is measured again). Methods may be added to a resumed run (the speed phase is then timed
-again for all of them, side by side).
+again for all of them, side by side) or left out (the others keep their timings).
 """
 
 import argparse
@@ -58,6 +58,7 @@ import json
 import logging
 import math
 import statistics
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +98,14 @@ class Method:
     trains it with the library's `train`.
     """
 
-    label: str  # "{rank}" (LoRA's), "{blocks}" and "{new_tokens}" are filled in
+    label: str  # "{rank}" (LoRA's) and "{blocks}" are filled in
     lora: bool = False
     blocks: bool = False  # --num-blocks expansion blocks
     adapters: bool = False  # routed adapters of LoRA's rank, alpha twice the rank (as LoRA's)
-    own_tokens: bool = False  # the setting's number of tokens of its own, learned from the recipes training text
+    own_tokens: bool = False  # tokens of its own, learned from the recipes training text (setting M: the number
+    # chosen on validation among --m-new-tokens, started by `domain_experts.token_init`)
     grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # setting M: the learning rates tried first (--m-lr)
+    rate_from: str | None = None  # setting M: take this method's chosen rate instead of searching one
 
     @property
     def is_domain(self) -> bool:
@@ -120,8 +123,10 @@ METHODS = {
     "domain_adapters": Method("(d) domain, routed adapters of rank {rank} (LoRA's parameters)", adapters=True),
     "domain_blocks_adapters": Method("(e) domain, {blocks} blocks + routed adapters of rank {rank}", blocks=True,
                                      adapters=True),
-    "domain_tokens": Method("(f) domain, {blocks} blocks, {new_tokens:,} tokens of its own", blocks=True,
-                            own_tokens=True),
+    # Its tokens are chosen and started on the validation split at every run, which costs minutes: it trains once,
+    # at the rate chosen for (c), the same domain without tokens of its own.
+    "domain_tokens": Method("(f) domain, {blocks} blocks, tokens of its own", blocks=True, own_tokens=True,
+                            rate_from="domain_blocks"),
 }
 
 
@@ -133,8 +138,8 @@ class Setting:
 
 SETTINGS = {
     "S": Setting(("expansion", "expansion_no_extension", "full_fine_tuning", "lora"), "expansion"),
-    "M": Setting(("full_fine_tuning", "lora", "domain_blocks", "domain_adapters", "domain_blocks_adapters"),
-                 "domain_blocks"),
+    "M": Setting(("full_fine_tuning", "lora", "domain_blocks", "domain_adapters", "domain_blocks_adapters",
+                  "domain_tokens"), "domain_blocks"),
 }
 M_METHODS = ("full_fine_tuning", "lora", "domain_blocks", "domain_adapters", "domain_blocks_adapters", "domain_tokens")
 
@@ -150,7 +155,7 @@ class Run:
     steps: int
     batch_size: int
     block_size: int
-    new_tokens: int
+    new_tokens: int | list[int]
     search_steps: int
     methods: list[str]
     grids: dict[str, tuple[float, ...]]
@@ -171,7 +176,7 @@ class Run:
         return AutoModelForCausalLM.from_pretrained(self.backbone_dir), AutoTokenizer.from_pretrained(self.backbone_dir)
 
     def label(self, key: str) -> str:
-        return METHODS[key].label.format(rank=self.lora_rank, blocks=self.args.num_blocks, new_tokens=self.new_tokens)
+        return METHODS[key].label.format(rank=self.lora_rank, blocks=self.args.num_blocks)
 
 
 def lora_config(rank: int):
@@ -188,15 +193,24 @@ def lora_rank_matching(model, target_parameters: int) -> int:
     return max(1, round(target_parameters / per_rank))
 
 
-def domain_config(run: Run, key: str, learning_rate: float, steps: int, output_dir: Path) -> TrainingConfig:
-    """The `train` settings of a domain method."""
+def domain_config(run: Run, key: str, learning_rate: float, steps: int, output_dir: Path,
+                  for_timing: bool = False) -> TrainingConfig:
+    """The `train` settings of a domain method. Setting S starts its tokens as release 0.1 did (the mean of their
+    pieces), setting M as the library does now (`--token-init fit`: chosen and started on the validation split); a
+    model built `for_timing` only has the largest number of tokens, started as the mean of their pieces."""
     method = METHODS[key]
+    new_tokens = run.new_tokens if method.own_tokens else 0
+    fit = run.setting == "M" and not for_timing
+    if for_timing and isinstance(new_tokens, list):
+        new_tokens = max(new_tokens)
     return TrainingConfig(
         output_dir=str(output_dir), model=run.backbone_dir, domain=DOMAIN, add_domain=True,
         num_blocks=run.args.num_blocks if method.blocks else 0, adapter_rank=run.lora_rank if method.adapters else 0,
-        new_tokens=run.new_tokens if method.own_tokens else 0, train_file=str(corpus_path(DOMAIN, "train")),
+        new_tokens=new_tokens, token_init="fit" if fit else "mean", train_file=str(corpus_path(DOMAIN, "train")),
         validation_file=str(corpus_path(DOMAIN, "validation")), block_size=run.block_size, batch_size=run.batch_size,
-        max_steps=steps, learning_rate=learning_rate, control_token_dropout=0.0, max_eval_samples=20,
+        max_steps=steps, learning_rate=learning_rate, control_token_dropout=0.0,
+        # A domain choosing its tokens does so on the validation split: all of it.
+        max_eval_samples=None if method.own_tokens and run.setting == "M" else 20,
         seed=run.args.seed, overwrite=True)  # a run not recorded in rows.json is trained afresh
 
 
@@ -209,7 +223,7 @@ def untrained_model(run: Run, key: str):
     """The model a method starts training from, its trainable parameters set (LoRA not merged)."""
     set_seed(run.args.seed)
     if METHODS[key].is_domain:
-        config = domain_config(run, key, 0.0, 1, run.work / key)
+        config = domain_config(run, key, 0.0, 1, run.work / key, for_timing=True)
         model, _ = model_to_train(config, {DOMAIN: load_texts(DOMAIN, "train")})
         model.requires_grad_(False)
         for parameter in domain_parameters(model):
@@ -618,7 +632,7 @@ def run_setting(setting: str, args) -> dict:
                 f"of {run.label(SETTINGS[setting].lora_reference)}.")
 
     speed_keys = run.methods
-    if state["speed"] is None or sorted(state["speed"]) != sorted(speed_keys):
+    if state["speed"] is None or not set(speed_keys) <= set(state["speed"]):
         logger.info("Speed phase: training steps of every method, side by side.")
         state["speed"] = training_speed(run, speed_keys)
         gc.collect()
@@ -626,6 +640,8 @@ def run_setting(setting: str, args) -> dict:
     step_tokens = run.batch_size * run.block_size
 
     for key in run.methods:
+        if METHODS[key].rate_from in rows:
+            run.grids[key] = (rows[METHODS[key].rate_from]["learning_rate"],)
         grid = list(run.grids[key])
         if key in rows and rows[key].get("grid") == grid:
             continue
@@ -648,6 +664,9 @@ def run_setting(setting: str, args) -> dict:
                "generation": generation(model, args)}
         if method.is_domain:
             row["new_tokens"] = len(model.config.domains[DOMAIN]["token_ids"]) - 1
+            row["token_init"] = model.config.domains[DOMAIN].get("token_init")
+            if method.rate_from:
+                row["rate_from"] = method.rate_from
             row["stories_logits_identical"] = stories_logits_identical(model, backbone, args)
             # The CPU is shared: time the bare backbone again right after, for a paired speed ratio.
             row["backbone_generation_tokens_per_second"] = generation(backbone, args)["tokens_per_second"]
@@ -766,6 +785,13 @@ def setting_m_targets(rows: dict, before: dict, comparisons: dict, run: Run) -> 
             f"{plus_minus(theirs, rows[reference]['standard_error']['recipes'])}; paired difference "
             f"{paired['difference']:+.4f} ({paired['relative']:+.2%}"
             + ("" if error is None else f" ± {error:.2%} SE") + f"); {chosen}")
+    if "domain_tokens" in rows and "domain_blocks" in rows:
+        difference, error = paired_difference(rows["domain_tokens"]["per_text"]["recipes"],
+                                              rows["domain_blocks"]["per_text"]["recipes"])
+        targets["domain with tokens of its own at least as good as without, after the same training"] = (
+            difference <= 0, f"{rows['domain_tokens']['after']['recipes']:.4f} vs "
+            f"{rows['domain_blocks']['after']['recipes']:.4f}; paired difference {plus_minus(difference, error)} "
+            f"({rows['domain_tokens']['new_tokens']:,} tokens kept)")
     untouched = {key: stories_untouched(rows[key], rows["backbone"]["per_text"]["stories"]) for key in domains}
     targets["every domain configuration forgets nothing on stories (bit-identical)"] = (
         all(untouched.values()),
@@ -812,6 +838,14 @@ def markdown(result: dict, command: str) -> str:
             lines.append(f"| {result['rows'][key]['label']} | {result['rows'][reference]['label']} | "
                          f"{plus_minus(paired['difference'], paired['standard_error'])} | {paired['relative']:+.2%}"
                          + ("" if relative_error is None else f" ± {relative_error:.2%}") + " |")
+    chosen = {row["label"]: row["token_init"] for row in result["rows"].values()
+              if (row.get("token_init") or {}).get("validation_bits_per_character")}
+    if chosen:
+        lines += ["", "Tokens of its own, chosen on the recipes validation split before training (validation bpc of "
+                  "the domain without them and with each number tried; `domain_experts.token_init`):", ""]
+        for label, record in chosen.items():
+            tried = ", ".join(f"{key}: {bpc:.4f}" for key, bpc in record["validation_bits_per_character"].items())
+            lines.append(f"- {label}: {record['new_tokens']:,} tokens kept ({tried})")
     searched = {row["label"]: row for row in result["rows"].values() if row.get("search")}
     if searched:
         lines += ["", "Learning-rate search (recipes validation bpc after the short runs; chosen in bold):", "",
@@ -839,17 +873,17 @@ def plot(result: dict, path: Path) -> None:
 
     rows = list(result["rows"].values())
     searched = [row for row in rows if row.get("search")]
-    labels = [row["label"].split(",")[0] for row in rows]
+    labels = [textwrap.fill(row["label"], 24) for row in rows]
     x = list(range(len(rows)))
-    figure, axes = plt.subplots(1, 3 if searched else 2, figsize=(16 if searched else 11, 4.5))
+    figure, axes = plt.subplots(1, 3 if searched else 2, figsize=(17 if searched else 11, 5.5))
     for axis, corpus in zip(axes, ("recipes", "stories")):
         values = [row["after"][corpus] for row in rows]
         errors = [row["standard_error"][corpus] or 0.0 for row in rows]
         axis.bar(x, values, 0.6, yerr=errors, capsize=3, color="#3366aa")
         axis.axhline(result["rows"]["backbone"]["after"][corpus], color="#999999", linestyle="--", linewidth=1,
                      label="bare backbone")
-        axis.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-        axis.set_ylabel("test bits per character (± SE)")
+        axis.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+        axis.set_ylabel("test bits per character (± SE over texts)")
         axis.set_title(f"{corpus} after training (lower is better)")
         low = min(v - e for v, e in zip(values, errors))
         high = max(v + e for v, e in zip(values, errors))
@@ -859,7 +893,7 @@ def plot(result: dict, path: Path) -> None:
         axis = axes[2]
         for row in searched:
             rates = [float(rate) for rate in row["search"]]
-            line, = axis.plot(rates, list(row["search"].values()), marker="o", label=row["label"].split(",")[0])
+            line, = axis.plot(rates, list(row["search"].values()), marker="o", label=textwrap.shorten(row["label"], 40))
             axis.plot([row["learning_rate"]], [row["search"][rate_key(row["learning_rate"])]], marker="*",
                       markersize=14, color=line.get_color())
         axis.set_xscale("log")
@@ -916,7 +950,8 @@ def main() -> None:
                         help="setting M: steps of each learning rate's validation run")
     parser.add_argument("--m-batch-size", type=int, default=4, help="setting M: rows per step")
     parser.add_argument("--m-block-size", type=int, default=128, help="setting M: tokens per row")
-    parser.add_argument("--m-new-tokens", type=int, default=4000, help="setting M: (f)'s tokens of its own")
+    parser.add_argument("--m-new-tokens", type=int, nargs="+", default=[1000, 2000],
+                        help="setting M: the numbers of tokens of its own (f) chooses between on validation")
     parser.add_argument("--m-eval-texts", type=int, default=0, help="setting M: first N test texts per corpus (0: all)")
     parser.add_argument("--work-dir", default="runs/compare_methods", help="trained models and rows.json go here")
     parser.add_argument("--results-dir", default="benchmarks/results", help="where the json, md and png go")
@@ -935,7 +970,7 @@ def main() -> None:
             if name == "m_lr":
                 flags += [f"{flag} {spec}" for spec in value]
             else:
-                flags.append(f"{flag} {' '.join(value) if isinstance(value, list) else value}")
+                flags.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
         command = " ".join(["python benchmarks/compare_methods.py", *flags, f"--setting {setting}"])
         result = run_setting(setting, args)
         result["args"], result["command"] = vars(args), command

@@ -21,7 +21,8 @@ TOY_S = ["--setting", "S", "--pretrain-steps", "4", "--scratch-steps", "2", "--s
 # Two rates for LoRA and the 4-block domain (each then extended once beyond the better one), one for the others.
 TOY_M = ["--setting", "M", "--m-steps", "2", "--m-search-steps", "1", "--m-eval-texts", "3", "--lr-extend", "1",
          "--m-lr", "full_fine_tuning=1e-4", "--m-lr", "lora=1e-3,3e-3", "--m-lr", "domain_blocks=1e-3,3e-3",
-         "--m-lr", "domain_adapters=1e-3", "--m-lr", "domain_blocks_adapters=1e-3", *QUICK]
+         "--m-lr", "domain_adapters=1e-3", "--m-lr", "domain_blocks_adapters=1e-3", "--m-new-tokens", "40",
+         *QUICK]
 
 
 def compare_methods(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -96,7 +97,7 @@ def test_setting_m_chooses_learning_rates_on_validation(setting_m):
     result = json.loads((setting_m / "results" / "compare_methods_M.json").read_text())
     rows = result["rows"]
     assert list(rows) == ["backbone", "full_fine_tuning", "lora", "domain_blocks", "domain_adapters",
-                          "domain_blocks_adapters"]
+                          "domain_blocks_adapters", "domain_tokens"]
     for key, grid in (("lora", [1e-3, 3e-3]), ("domain_blocks", [1e-3, 3e-3])):
         search = {float(rate): bpc for rate, bpc in rows[key]["search"].items()}
         # One of two rates is always at an edge: the next lattice rate beyond the better one was tried.
@@ -104,6 +105,12 @@ def test_setting_m_chooses_learning_rates_on_validation(setting_m):
         assert sorted(search) == sorted(grid + [beyond])
         assert rows[key]["learning_rate"] == min(search, key=search.get)
     assert rows["domain_adapters"]["search"] is None and rows["domain_adapters"]["learning_rate"] == 1e-3
+    # The domain with tokens of its own trains once, at the rate chosen for the same domain without them; its number
+    # of tokens was chosen on validation (or none kept), as its record says.
+    tokens = rows["domain_tokens"]
+    assert tokens["search"] is None and tokens["learning_rate"] == rows["domain_blocks"]["learning_rate"]
+    tried = tokens["token_init"]["validation_bits_per_character"]
+    assert "none" in tried and len(tried) == 2 and tokens["new_tokens"] in (0, *map(int, set(tried) - {"none"}))
     # Routed adapters of LoRA's rank: LoRA's parameters, plus the control token's embedding row.
     hidden = json.loads((Path(backbone_of(setting_m)) / "config.json").read_text())["hidden_size"]
     assert rows["domain_adapters"]["trainable_parameters"] == rows["lora"]["trainable_parameters"] + hidden
@@ -114,7 +121,7 @@ def test_setting_m_chooses_learning_rates_on_validation(setting_m):
         assert len(row["train_step_seconds"]) == 2
     paired = result["comparisons"]["domain_blocks_adapters - lora"]
     assert paired["standard_error"] > 0
-    assert len(result["targets"]) == 3
+    assert len(result["targets"]) == 4
     assert result["targets"]["every domain configuration forgets nothing on stories (bit-identical)"]["met"]
     table = (setting_m / "results" / "compare_methods_M.md").read_text()
     assert "Learning-rate search" in table and "| (d) domain, routed adapters of rank" in table

@@ -245,6 +245,7 @@ def test_training_step_changes_only_that_domain(setup):
     assert changed, "training must change the trained domain"
     assert all(name.startswith("domains.recipes.") for name in changed)
     assert any(".blocks." in name for name in changed) and "domains.recipes.token_embeddings" in changed
+    assert {"domains.recipes.output_embeddings", "domains.recipes.output_bias", "domains.recipes.logit_bias"} <= changed
     assert any(".adapters." in name and name.endswith("lora_B") for name in changed)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.grad is None for p in model.backbone.parameters())
@@ -254,14 +255,15 @@ def test_training_step_changes_only_that_domain(setup):
 
 
 def test_domain_logits_follow_the_backbones_head(setup):
-    """A domain token whose output row is a copy of backbone token k's has the logit of k: softcapped, scaled or
-    divided as the family does (Gemma 2 and 3, Cohere, Granite), or as is."""
+    """A domain token whose output row and bias copy backbone token k's (the domain's `logit_bias` included) has
+    the logit of k: softcapped, scaled or divided as the family does (Gemma 2 and 3, Cohere, Granite), or as is."""
     model, _ = setup
     model.add_domain("recipes", num_blocks=1, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
     domain, k = model.domains["recipes"], 5
     head = model.backbone.get_output_embeddings().weight
     with torch.no_grad():
-        (domain.output_embeddings if domain.output_embeddings is not None else domain.token_embeddings[1:])[0] = head[k]
+        domain.output_embeddings[0] = head[k]
+        domain.logit_bias[k] = domain.output_bias[0] = 0.75
     own_id = model.config.domains["recipes"]["token_ids"][1]
     batch = make_batch(model, [(TEXTS["base"], "recipes"), (TEXTS["base"], None)])
     logits = model_logits(model, batch)

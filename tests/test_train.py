@@ -27,9 +27,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def train_args(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+def train_args(model_dir: Path, output_dir: Path, *extra: str, new_tokens: bool = True) -> list[str]:
     return ["train", "--model", str(model_dir), "--domain", "recipes", "--add-domain", "--num-blocks", "2",
-            "--new-tokens", "20", "--train-file", str(corpus_path("recipes", "validation")),
+            *(["--new-tokens", "20"] if new_tokens else []),
+            "--train-file", str(corpus_path("recipes", "validation")),
             "--output-dir", str(output_dir), "--block-size", "64", "--batch-size", "4", "--learning-rate", "1e-3",
             *extra]
 
@@ -360,11 +361,11 @@ def test_checkpoints_hold_only_trainable_tensors_and_resume_never_changes_the_ba
 def test_two_gloo_processes_match_one_process_without_new_tokens(tiny_model_dir, tmp_path):
     """Steps without the control token leave the domain's only embedding row unused: DDP must not stop there, and the
     validation loss counts every row once on any number of processes."""
-    steps = ["--max-steps", "4", "--control-token-dropout", "0.5", "--new-tokens", "0"]  # the last --new-tokens counts
-    single = run_cli(train_args(tiny_model_dir, tmp_path / "one", *steps))
+    steps = ["--max-steps", "4", "--control-token-dropout", "0.5"]
+    single = run_cli(train_args(tiny_model_dir, tmp_path / "one", *steps, new_tokens=False))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    double = run_cli(train_args(tiny_model_dir, tmp_path / "two", *steps), launcher=launcher)
+    double = run_cli(train_args(tiny_model_dir, tmp_path / "two", *steps, new_tokens=False), launcher=launcher)
     finish(single)
     finish(double)
     one, two = domain_tensors(tmp_path / "one"), domain_tensors(tmp_path / "two")
@@ -453,3 +454,17 @@ def test_several_domains_need_their_own_files_and_a_fitting_batch(tiny_model_dir
         with pytest.raises(ValueError, match=message):
             train(TrainingConfig(**(base | changes)))
     assert not (tmp_path / "out").exists()
+
+
+def test_tokens_of_its_own_are_chosen_on_validation_and_their_story_is_saved(tiny_model_dir, tmp_path):
+    """`--new-tokens` twice: both numbers are tried on the validation file before training; the saved model records
+    what each read, the number kept and the training that followed."""
+    model = train(small_config(tiny_model_dir, tmp_path / "run", new_tokens=[10, 30], token_init_distill_steps=4,
+                               validation_file=str(corpus_path("recipes", "test")), max_eval_samples=10))
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["domains"]["recipes"]["token_init"]
+    assert saved == model.config.domains["recipes"]["token_init"]
+    assert set(saved["validation_bits_per_character"]) == {"none", "10", "30"}
+    assert saved["new_tokens"] == len(model.config.domains["recipes"]["tokens"]) - 1
+    if saved["new_tokens"]:
+        assert saved["trained"] == [{"steps": 4, "learning_rate": 1e-3, "block_size": 64, "batch_size": 2,
+                                     "with": "the domain's blocks and adapters (domain_experts.train)"}]

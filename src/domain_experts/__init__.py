@@ -17,6 +17,9 @@ _LAZY = {
     "DomainExpertsForCausalLM": "modeling_domain_experts",
     "DomainExpertsPreTrainedModel": "modeling_domain_experts",
     "DomainExpertsTokenizer": "tokenization_domain_experts",
+    "TokenInitConfig": "token_init",
+    "add_domain_with_tokens": "token_init",
+    "initialize_domain_tokens": "token_init",
 }
 
 

@@ -97,6 +97,10 @@ class DomainExpertsConfig(PretrainedConfig):
             - `"adapters"` (`dict`, *optional*): the domain's routed low-rank adapters, an `AdapterConfig` as a dict,
               with `target_modules` resolved to paths inside a decoder layer and `layers` to a list.
             - `"pack"` (`dict`, *optional*): where the domain was loaded from (a pack's name, repo and revision).
+            - `"untied_output"`, `"output_bias"`, `"logit_bias"` (`bool`): whether the domain's own tokens have output
+              rows of their own, a bias on them, and a bias on the backbone logits of its rows (all three since
+              release 0.2; absent: as the backbone's head, and no logit bias).
+            - `"token_init"` (`dict`, *optional*): how the domain's own tokens were started and trained.
         vocab_size (`int`, *optional*):
             Size of the id space: the backbone vocabulary plus every id ever given to a domain token. It only grows,
             so the ids of a removed domain are never reused for another one.

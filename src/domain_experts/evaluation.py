@@ -39,6 +39,21 @@ def route_label(domain: str | None, routing: str = "token") -> str:
 
 
 @torch.no_grad()
+def prefixed_batch(rows: list[list[int]], prefix: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows, each led by `prefix` (a control token, or BOS), right-padded with `pad` to one width.
+
+    Returns:
+        `input_ids` and `attention_mask`, both `(len(rows), 1 + longest row)`.
+    """
+    width = 1 + max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(rows):
+        input_ids[i, : 1 + len(ids)] = torch.tensor([prefix, *ids])
+        attention_mask[i, : 1 + len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def language_modeling(model, texts: list[str], domain: str | None = None, routing: str = "token",
                       batch_size: int = 8, max_length: int = 512, description: str | None = None) -> dict:
     """Perplexity and bits per character of `model` on `texts`, routed to `domain` by its token or by the gate.
@@ -73,13 +88,7 @@ def language_modeling(model, texts: list[str], domain: str | None = None, routin
         cut += sum(len(ids) > max_length - 1 for ids in rows)
         rows = [ids[: max_length - 1] for ids in rows]
         characters += [len(tokenizer.decode(ids)) for ids in rows]
-        width = 1 + max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(rows):
-            input_ids[i, : 1 + len(ids)] = torch.tensor([prefix, *ids])
-            attention_mask[i, : 1 + len(ids)] = 1
-        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+        input_ids, attention_mask = prefixed_batch(rows, prefix, pad, model.device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none",

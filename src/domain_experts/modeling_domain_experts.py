@@ -461,11 +461,16 @@ class RoutedLinear(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output = self.linear(hidden_states)
+        # Without gradients the deltas go into the layer's fresh output in place: no copy of the whole output per
+        # adapted layer. With gradients, out of place (a layer's backward may need its output).
+        in_place = not torch.is_grad_enabled()
         for rows, adapter in self.deltas:
             if rows.numel() == self.batch_size:
-                output = output + adapter(hidden_states).to(output.dtype)
+                delta = adapter(hidden_states).to(output.dtype)
+                output = output.add_(delta) if in_place else output + delta
             else:
-                output = output.index_add(0, rows, adapter(hidden_states.index_select(0, rows)).to(output.dtype))
+                delta = adapter(hidden_states.index_select(0, rows)).to(output.dtype)
+                output = output.index_add_(0, rows, delta) if in_place else output.index_add(0, rows, delta)
         return output
 
 
@@ -499,6 +504,10 @@ class DomainExpansion(nn.Module):
             domain's tokenizer tokens, untied from their input rows (a domain saved by release 0.1.0 on a backbone
             that ties its embeddings has none: `token_embeddings[1:]` serve as output rows too).
         output_bias (`nn.Parameter` of shape `(num_tokens - 1,)`, or None): a bias on those output logits.
+        logit_bias (`nn.Parameter` of shape `(backbone_vocab_size,)`, or None): a bias on the backbone-vocabulary
+            logits of the domain's rows. With tokens of its own a domain reads text in longer pieces, so the backbone
+            tokens its new tokens start with are rarer in its rows than in the backbone's; this is where that shows.
+            Domains without tokens of their own, and those saved before release 0.2, have none.
         gate_weight (`nn.Parameter` of shape `(hidden_size,)`), gate_bias (`nn.Parameter` of shape `(1,)`): the
             domain's entry in the learned gate, a logistic score on the mean gate-layer hidden state of a prompt.
         adapters (`nn.ModuleDict`): the routed low-rank adapters, `adapters[str(layer)]` mirroring the paths of the
@@ -514,6 +523,8 @@ class DomainExpansion(nn.Module):
         hidden_size: int,
         untied_output: bool,
         output_bias: bool,
+        logit_bias: bool = False,
+        backbone_vocab_size: int = 0,
         adapters: dict | None = None,
     ):
         super().__init__()
@@ -545,6 +556,9 @@ class DomainExpansion(nn.Module):
             self.output_embeddings = nn.Parameter(torch.zeros(num_vocabulary_tokens, hidden_size, dtype=dtype))
         if num_vocabulary_tokens and output_bias:
             self.output_bias = nn.Parameter(torch.zeros(num_vocabulary_tokens, dtype=dtype))
+        self.logit_bias = None
+        if num_vocabulary_tokens and logit_bias:
+            self.logit_bias = nn.Parameter(torch.zeros(backbone_vocab_size, dtype=dtype))
         # Trained by `domain_experts.gate.train_gate`, not with the domain: no gradient reaches them in `forward`.
         self.gate_weight = nn.Parameter(torch.zeros(hidden_size, dtype=torch.float32), requires_grad=False)
         self.gate_bias = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
@@ -617,7 +631,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         self.domains = nn.ModuleDict()
         for name, settings in config.domains.items():
             self.domains[name] = self._new_domain_module(settings["expansion_layers"], len(settings["token_ids"]),
-                                                         settings.get("adapters"), *self._output_rows(settings))
+                                                         settings.get("adapters"), **self._output_rows(settings))
         self._domains_changed()
         self.post_init()
 
@@ -728,6 +742,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         state_dict: dict[str, torch.Tensor] | None = None,
         gate_trained: bool = False,
         provenance: dict | None = None,
+        token_init: dict | None = None,
     ) -> None:
         """Add a domain: expansion blocks and routed low-rank adapters that start as exact identities, a control token
         `<|domain:NAME|>`, and optionally tokens of its own. Everything is checked before the model changes, and a fresh
@@ -749,6 +764,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             gate_trained: whether the gate entry in `state_dict` is trained.
             provenance: where the domain comes from (a pack's name, repo and revision), kept in the config as `"pack"`
                 for the model card.
+            token_init: how the tensors in `state_dict` of the domain's own tokens were started and trained (a pack's
+                record, see `domain_experts.token_init`), kept in the config as `"token_init"`.
 
         The domain's tokens get ids past every id given out so far, in one contiguous range (control token first); their
         embeddings start at the mean of the backbone embeddings of the pieces each token joins, and belong to the domain.
@@ -785,10 +802,10 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
 
         first_id = self.config.vocab_size
         token_ids = list(range(first_id, first_id + 1 + len(new_tokens)))
-        # A domain's own tokens get output rows of their own and a bias; given tensors say what they have.
-        untied_output = "output_embeddings" in state_dict if state_dict is not None else True
-        output_bias = "output_bias" in state_dict if state_dict is not None else True
-        domain = self._new_domain_module(expansion_layers, len(token_ids), adapters, untied_output, output_bias)
+        # A domain's own tokens get output rows of their own and biases; given tensors say what they have.
+        layout = {key: key_tensor in state_dict if state_dict is not None else True for key, key_tensor in
+                  (("untied_output", "output_embeddings"), ("output_bias", "output_bias"), ("logit_bias", "logit_bias"))}
+        domain = self._new_domain_module(expansion_layers, len(token_ids), adapters, **layout)
         if state_dict is None:
             self._init_token_embeddings(domain, new_tokens)
         else:
@@ -809,10 +826,10 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             "token_ids": token_ids,
             "tokens": [control_token_for(name), *new_tokens],
             "gate": bool(gate_trained),
-            "untied_output": untied_output,
-            "output_bias": output_bias,
+            **layout,
             **({"adapters": adapters} if adapters is not None else {}),
             **({"pack": dict(provenance)} if provenance else {}),
+            **({"token_init": copy.deepcopy(token_init)} if token_init else {}),
         }
         self.config.vocab_size = first_id + len(token_ids)
         self.tokenizer = new_tokenizer
@@ -863,9 +880,9 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
 
     def domain_state_specs(self, expansion_layers: list[int], num_new_tokens: int,
                            adapters: AdapterConfig | dict | None = None, untied_output: bool = True,
-                           output_bias: bool = True) -> dict[str, tuple[torch.dtype, tuple]]:
+                           output_bias: bool = True, logit_bias: bool = True) -> dict[str, tuple[torch.dtype, tuple]]:
         """Name -> (dtype, shape) of every tensor of a domain with these blocks, `num_new_tokens` tokens of its own,
-        these adapters and output rows (untied, with a bias, as a domain added now has them), as
+        these adapters and output rows (untied, with biases, as a domain added now has them), as
         `model.domains[name].state_dict()` would hold them (to check a pack before reading its weights)."""
         specs = {}
         layers = self.decoder_layers
@@ -888,20 +905,26 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             specs["output_embeddings"] = (dtype, (num_new_tokens, hidden_size))
         if num_new_tokens and output_bias:
             specs["output_bias"] = (dtype, (num_new_tokens,))
+        if num_new_tokens and logit_bias:
+            specs["logit_bias"] = (dtype, (self.config.backbone_vocab_size,))
         specs["gate_weight"] = (torch.float32, (hidden_size,))
         specs["gate_bias"] = (torch.float32, (1,))
         return specs
 
-    def _output_rows(self, settings: dict) -> tuple[bool, bool]:
-        """Whether a domain's own tokens have untied output rows and an output bias. Domains added since release 0.2
-        have both; an older domain's config says neither, and had them as its backbone's LM head did."""
+    def _output_rows(self, settings: dict) -> dict[str, bool]:
+        """Whether a domain's own tokens have untied output rows, an output bias and a bias on the backbone logits of
+        its rows. Domains added since release 0.2 have all three; an older domain's config says none, and had the first
+        two as its backbone's LM head did."""
         # The config, not the tensors: while loading, the backbone's weights are not tied yet.
         tied = self.config.backbone_config.get_text_config(decoder=True).tie_word_embeddings
         head_bias = getattr(self.backbone.get_output_embeddings(), "bias", None) is not None
-        return settings.get("untied_output", not tied), settings.get("output_bias", head_bias)
+        return {"untied_output": settings.get("untied_output", not tied),
+                "output_bias": settings.get("output_bias", head_bias),
+                "logit_bias": settings.get("logit_bias", False)}
 
     def _new_domain_module(self, expansion_layers: list[int], num_tokens: int, adapters: dict | None = None,
-                           untied_output: bool = True, output_bias: bool = True) -> DomainExpansion:
+                           untied_output: bool = True, output_bias: bool = True,
+                           logit_bias: bool = True) -> DomainExpansion:
         input_embeddings = self.backbone.get_input_embeddings()
         domain = DomainExpansion(
             self.decoder_layers,
@@ -911,6 +934,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             hidden_size=input_embeddings.weight.shape[1],
             untied_output=untied_output,
             output_bias=output_bias,
+            logit_bias=logit_bias,
+            backbone_vocab_size=self.config.backbone_vocab_size,
             adapters=adapters,
         )
         return domain.to(device=input_embeddings.weight.device)
@@ -1171,9 +1196,10 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
     def compute_logits(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Logits `(batch, positions, vocab_size)` from the final hidden states of the positions to predict from.
 
-        Backbone columns: the backbone's LM head and logit processing. Domain-token columns: a row's own domain tokens
-        from its domain's output rows (processed alike), `-inf` for every other one (control tokens, other domains').
-        Without gradients, the backbone's logits are written straight into the full-width tensor (no copy).
+        Backbone columns: the backbone's LM head (plus, on a domain's rows, its `logit_bias`) and logit processing.
+        Domain-token columns: a row's own domain tokens from its domain's output rows (processed alike), `-inf` for
+        every other one (control tokens, other domains'). Without gradients, the backbone's logits are written straight
+        into the full-width tensor (no copy).
         """
         head = self.backbone.get_output_embeddings()
         backbone_config = self.config.backbone_config
@@ -1181,9 +1207,17 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         backbone_vocab_size, vocab_size = self.config.backbone_vocab_size, self.config.vocab_size
         if vocab_size == backbone_vocab_size:
             return process(head(hidden_states), backbone_config)
-        differentiable = torch.is_grad_enabled() and hidden_states.requires_grad
+        routed = [(rows, self.domains[self.domain_names[index]]) for index, rows in routing.rows.items()]
+        biased = [(rows, domain.logit_bias) for rows, domain in routed if domain.logit_bias is not None]
+        # The in-place path below is for inference only: anything that needs a gradient takes the other one.
+        differentiable = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(p.requires_grad for _, domain in routed for p in domain.parameters()))
         if differentiable:
-            backbone_logits = process(head(hidden_states), backbone_config)
+            backbone_logits = head(hidden_states)
+            for rows, bias in biased:
+                backbone_logits = backbone_logits.index_add(
+                    0, rows, bias.to(backbone_logits.dtype).expand(len(rows), *backbone_logits.shape[1:]))
+            backbone_logits = process(backbone_logits, backbone_config)
             domain_logits = backbone_logits.new_full((*hidden_states.shape[:-1], vocab_size - backbone_vocab_size),
                                                      float("-inf"))
         else:
@@ -1194,6 +1228,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 torch.addmm(head.bias, flat, head.weight.t(), out=out)
             else:
                 torch.mm(flat, head.weight.t(), out=out)
+            for rows, bias in biased:
+                logits[rows, :, :backbone_vocab_size] += bias.to(logits.dtype)
             process(logits[..., :backbone_vocab_size], backbone_config)
             domain_logits = logits[..., backbone_vocab_size:].fill_(float("-inf"))
         for domain_index, rows in routing.rows.items():

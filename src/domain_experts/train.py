@@ -124,6 +124,12 @@ def _validate(config: TrainingConfig) -> None:
                          "--add-domain.")
     if (config.adapter_targets or config.adapter_alpha) and not config.adapter_rank:
         raise ValueError("--adapter-alpha and --adapter-targets need --adapter-rank.")
+    if config.new_tokens and not config.add_domain:
+        raise ValueError("--new-tokens gives tokens of its own to a domain added with --add-domain.")
+    if config.new_tokens and min(config.new_tokens) < 1:
+        raise ValueError(f"--new-tokens must be positive numbers, got {config.new_tokens}.")
+    if config.token_init_distill_steps < 0:
+        raise ValueError(f"--token-init-distill-steps must be 0 or more, got {config.token_init_distill_steps}.")
     if config.model not in (None, "smollm2"):
         check_location(config.model)
     for path in (config.train_file, config.validation_file, *(f for pair in sources.values() for f in pair)):
@@ -268,8 +274,14 @@ def _rows_with_text(rows: datasets.Dataset, column: str, what: str, source: str)
     return kept
 
 
-def model_to_train(config: TrainingConfig, train_texts: dict[str | None, list[str]]):
-    """The model to train and the tokenizer of each domain (None: a backbone pretrained from scratch, with its own)."""
+def model_to_train(config: TrainingConfig, train_texts: dict[str | None, list[str]],
+                   validation_texts: dict[str, list[str] | None] | None = None):
+    """The model to train and the tokenizer of each domain (None: a backbone pretrained from scratch, with its own).
+
+    A domain added with tokens of its own (`config.new_tokens`) gets them as `config.token_init` says: with "fit",
+    through `domain_experts.token_init.add_domain_with_tokens`, which chooses their number on `validation_texts` (or,
+    without, on the last tenth of the training texts, then left out of the fit).
+    """
     if config.preset is not None:
         from .scratch import create_backbone, train_tokenizer
 
@@ -289,14 +301,33 @@ def model_to_train(config: TrainingConfig, train_texts: dict[str | None, list[st
     for name in train_texts:
         if config.add_domain:
             set_seed(config.seed)
-            model.add_domain(name, num_blocks=config.num_blocks, adapters=adapters,
-                             corpus=train_texts[name] if config.new_tokens else None,
-                             num_new_tokens=config.new_tokens or None)
+            _add_domain(model, name, config, adapters, train_texts[name], (validation_texts or {}).get(name))
         elif name not in model.domains:
             known = ", ".join(model.domain_names) or "none"
             raise ValueError(f"Unknown domain {name!r} in {config.model} (it has: {known}); pass --add-domain to "
                              "create it.")
     return model, {name: model.tokenizer.tokenizer_for(name) for name in train_texts}
+
+
+def _add_domain(model, name: str, config: TrainingConfig, adapters: AdapterConfig | None, texts: list[str],
+                validation_texts: list[str] | None) -> None:
+    if not config.new_tokens:
+        model.add_domain(name, num_blocks=config.num_blocks, adapters=adapters)
+    elif config.token_init == "mean":
+        if len(config.new_tokens) > 1:
+            raise ValueError("Several --new-tokens numbers are chosen between with --token-init fit only.")
+        model.add_domain(name, num_blocks=config.num_blocks, adapters=adapters, corpus=texts,
+                         num_new_tokens=config.new_tokens[0])
+        model.config.domains[name]["token_init"] = {"method": "mean of pieces (input and output rows)"}
+    else:
+        from .token_init import TokenInitConfig, add_domain_with_tokens
+
+        if not validation_texts:
+            cut = len(texts) - max(1, len(texts) // 10)
+            texts, validation_texts = texts[:cut], texts[cut:]
+        add_domain_with_tokens(model, name, list(texts), list(validation_texts)[:100], config.new_tokens,
+                               TokenInitConfig(distill_steps=config.token_init_distill_steps, seed=config.seed),
+                               num_blocks=config.num_blocks, adapters=adapters)
 
 
 def _context_length(model) -> int | None:
@@ -732,7 +763,10 @@ def _train(config: TrainingConfig):
     _validate(config)
     output_dir = Path(config.output_dir)
     rows = load_text_datasets(config)
-    model, tokenizers = model_to_train(config, {name: train[config.text_column] for name, (train, _) in rows.items()})
+    model, tokenizers = model_to_train(
+        config, {name: train[config.text_column] for name, (train, _) in rows.items()},
+        {name: validation[config.text_column] if validation is not None else None
+         for name, (_, validation) in rows.items()})
     context = _context_length(model)
     if context is not None and config.block_size > context:
         raise ValueError(f"block_size={config.block_size} is larger than the backbone's context of {context} tokens.")
@@ -879,6 +913,13 @@ def _train(config: TrainingConfig):
                        f"perplexity {metrics['eval_perplexity']:.2f}.")
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers the shards)
     model = accelerator.unwrap_model(model)
+    for name in rows if is_domain else []:
+        record = model.config.domains[name].get("token_init")
+        if record and record.get("new_tokens", 1):
+            # How the tokens went on after their start (kept in the config, so in packs): trained with the domain.
+            record.setdefault("trained", []).append({
+                "steps": completed_steps, "learning_rate": config.learning_rate, "block_size": config.block_size,
+                "batch_size": config.batch_size, "with": "the domain's blocks and adapters (domain_experts.train)"})
     if accelerator.is_main_process:
 
         def write(folder: Path) -> None:

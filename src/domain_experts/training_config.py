@@ -74,8 +74,17 @@ class TrainingConfig:
     adapter_targets: list[str] | None = field(default=None, metadata=_flag(
         "With --adapter-rank: a linear layer to adapt in every decoder layer, by name (q_proj, down_proj, ...); "
         "repeatable (default: every one the architecture table lists).", "model"))
-    new_tokens: int = field(default=0, metadata=_flag(
-        "With --add-domain: how many tokens of its own the domain learns from the training text (0: none).", "model"))
+    new_tokens: list[int] | None = field(default=None, metadata=_flag(
+        "With --add-domain: how many tokens of its own the domain learns from the training text. Repeat it to try "
+        "several numbers: with --token-init fit, the one that reads the validation text best before training is "
+        "kept, and none if none is within 1%% of the backbone's tokenizer.", "model"))
+    token_init: str = field(default="fit", metadata=_flag(
+        "How the domain's own tokens start: 'fit' (input rows distilled from the backbone, output rows and biases "
+        "fitted to the training text, then checked on the validation text; see domain_experts.token_init) or 'mean' "
+        "(the mean of the rows of the backbone tokens each one joins, unchecked).", "model", choices=["fit", "mean"]))
+    token_init_distill_steps: int = field(default=60, metadata=_flag(
+        "With --token-init fit: Token Distillation steps on the new tokens' input rows (0: the mean of the pieces).",
+        "model"))
     preset: str | None = field(default=None, metadata=_flag(
         "Instead of a domain, pretrain a Llama backbone of this size from scratch, with a tokenizer trained on the "
         "training text.", "model", choices=["tiny", "small", "base"]))
@@ -143,6 +152,8 @@ class TrainingConfig:
     def __post_init__(self):
         if isinstance(self.domain, str):  # TrainingConfig(domain="recipes"), as before several domains
             self.domain = [self.domain]
+        if isinstance(self.new_tokens, int):  # TrainingConfig(new_tokens=1000), one number (0: none)
+            self.new_tokens = [self.new_tokens] if self.new_tokens else None
 
     def domain_sources(self) -> dict[str, tuple[str | None, str | None]]:
         """Each domain to train, by name, with its training and validation files (None: --train-file,

@@ -23,7 +23,8 @@ from ..files import file_sha256
 
 PACK_FORMAT = "domain_experts.pack"
 PACK_FORMAT_VERSION = 2
-"""Version 2 added routed adapters (`adapters`); version 1 packs (no adapters) still load."""
+"""Version 2 added routed adapters (`adapters`), output rows and biases of a domain's own tokens (`output_embeddings`,
+`output_bias`, `logit_bias`) and how they were started (`token_init`); version 1 packs still load."""
 MANIFEST_NAME = "domain_pack.json"
 WEIGHTS_NAME = "domain_pack.safetensors"
 README_NAME = "README.md"
@@ -207,6 +208,7 @@ class PackManifest:
         tensors: name -> `TensorSpec` of every tensor in `domain_pack.safetensors`.
         files: path -> `{"sha256": ..., "size": ...}` of every file of the pack but the manifest and the model card.
         datasets: datasets the domain was trained on (Hub ids or names), for the model card.
+        token_init: how the domain's own tokens were started and trained (see `domain_experts.token_init`), or None.
         evaluation: `{"dataset": ..., "split": ..., "metrics": {name: value}}`, for the model card, or None.
         library_version: the `domain_experts` version that wrote the pack.
         format_version: the pack format version (readers refuse newer ones).
@@ -225,6 +227,7 @@ class PackManifest:
     library_version: str | None = None
     format_version: int = PACK_FORMAT_VERSION
     adapters: dict[str, Any] | None = None
+    token_init: dict[str, Any] | None = None
 
     @property
     def control_token(self) -> str:
@@ -255,6 +258,7 @@ class PackManifest:
             "files": {path: dict(entry) for path, entry in self.files.items()},
             "datasets": list(self.datasets),
             "evaluation": self.evaluation,
+            "token_init": self.token_init,
         }
 
     @classmethod
@@ -309,6 +313,8 @@ class PackManifest:
         evaluation = data.get("evaluation")
         _check(evaluation is None or valid_evaluation(evaluation), "evaluation",
                'null or {"dataset": str, "split": str, "metrics": {name: number}}', evaluation)
+        token_init = data.get("token_init")
+        _check(token_init is None or isinstance(token_init, dict), "token_init", "null or an object", token_init)
         library_version_ = data.get("library_version")
         return cls(
             name=name,
@@ -324,6 +330,7 @@ class PackManifest:
             library_version=library_version_ if isinstance(library_version_, str) else None,
             format_version=version,
             adapters=dict(adapters) if adapters is not None else None,
+            token_init=token_init,
         )
 
     @classmethod

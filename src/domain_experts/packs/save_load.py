@@ -219,7 +219,7 @@ def save_pack(
         name=name, backbone=backbone_info(model), expansion_layers=list(settings["expansion_layers"]), tokens=tokens,
         gate_trained=bool(settings.get("gate", False)), gate_layer=int(model.config.gate_layer),
         adapters=settings.get("adapters"), tensors=tensor_specs(state_dict), datasets=list(datasets or []), evaluation=evaluation,
-        library_version=library_version(),
+        library_version=library_version(), token_init=settings.get("token_init"),
     )
 
     def write(folder: Path) -> None:
@@ -294,7 +294,8 @@ def _check_fits(model, manifest: PackManifest, source: str) -> None:
     try:
         specs = model.domain_state_specs(manifest.expansion_layers, len(manifest.tokens), manifest.adapters,
                                          untied_output="output_embeddings" in manifest.tensors,
-                                         output_bias="output_bias" in manifest.tensors)
+                                         output_bias="output_bias" in manifest.tensors,
+                                         logit_bias="logit_bias" in manifest.tensors)
     except ValueError as error:  # adapters on linear layers or layers this backbone does not have
         raise PackError(f"{source}: {error}") from error
     expected = {key: TensorSpec(str(dtype).removeprefix("torch."), shape) for key, (dtype, shape) in specs.items()}
@@ -368,7 +369,8 @@ def _load(model, fetched: FetchedPack, name: str | None, repo_id_or_path) -> str
     try:
         model.add_domain(name, expansion_layers=list(manifest.expansion_layers),
                          tokenizer=tokenizer if manifest.tokens else None, adapters=manifest.adapters,
-                         state_dict=state_dict, gate_trained=manifest.gate_trained, provenance=provenance)
+                         state_dict=state_dict, gate_trained=manifest.gate_trained, provenance=provenance,
+                         token_init=manifest.token_init)
     except ValueError as error:
         raise PackError(f"{source}: {error}") from error
     logger.info(f"Loaded domain {name!r} from pack {source}.")
