@@ -1,71 +1,181 @@
-"""Tokens per character of domain tokenizers against their backbone's tokenizer (issue: domain tokenizers, point 5).
+"""Issue 15: what a domain's own tokens buy on a pretrained backbone, per corpus, side by side in one run.
 
-    python benchmarks/domain_tokenizers.py [--smollm2-new-tokens 4000] [--stories-vocab 4096] [--stories-new-tokens 1000]
+    python benchmarks/domain_tokenizers.py                      # recipes and stories on SmolLM2-135M
+    python benchmarks/domain_tokenizers.py --corpora recipes --steps 200 --new-tokens 1000 2000
 
-(i) the SmolLM2 tokenizer against it extended for recipes and for stories; (ii) a tokenizer trained on stories
-against it extended for recipes. New tokens are learned from the domain's `train` split; tokens per character are
-measured on `validation` (where the number of new tokens was chosen) and on the held-out `test` split. "ceiling" is
-the best any within-word extension can do: one token per pre-tokenized word.
+For each corpus, two 4-block domains are added to SmolLM2-135M-Instruct and trained alike (the library's `train`, the
+same steps, rows and learning rate): one with tokens of its own (`--new-tokens` numbers tried, the one reading the
+validation split best before training kept by `domain_experts.token_init.add_domain_with_tokens`, none if none is
+within 1% of the domain without them), one without. Reported per corpus:
+
+- step 0: validation bits per character before training, of the bare backbone, of the domain without tokens of its
+  own, and of the domain with each number of tokens tried (started by `token_init`'s default: distilled input rows,
+  fitted output rows and biases);
+- tokens per character of the test split: the backbone's tokenizer against the domain's;
+- test bits per character after training, with and without the tokens (standard errors over texts; the paired
+  difference on the same texts);
+- greedy generation after the first words of test texts (one batch, a fixed number of new tokens): characters per
+  second with and without the tokens, timed in alternation (median of `--gen-repeats`).
+
+Writes benchmarks/results/domain_tokenizers.{json,md}. The learning rate decides nothing here: both arms get the same.
 """
 
 import argparse
 import json
+import math
+import statistics
+import sys
+import time
 from pathlib import Path
 
-from transformers import AutoTokenizer
+import torch
 
-from domain_experts.data import load_texts
-from domain_experts.scratch import train_tokenizer
-from domain_experts.smollm2 import GGUF_FILE, smollm2_folder
-from domain_experts.tokenization_domain_experts import extend_tokenizer, new_tokens_of
-
-
-def tokens_per_char(tokenizer, texts: list[str]) -> float:
-    return sum(len(ids) for ids in tokenizer(texts)["input_ids"]) / sum(len(t) for t in texts)
+from domain_experts.data import corpus_path, load_texts
+from domain_experts.evaluation import language_modeling
+from domain_experts.files import write_file_atomically
+from domain_experts.train import TrainingConfig, train
 
 
-def words_per_char(tokenizer, texts: list[str]) -> float:
-    pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
-    return sum(len(pre_tokenizer.pre_tokenize_str(t)) for t in texts) / sum(len(t) for t in texts)
+def per_text_bits(model, texts: list[str], domain: str | None, max_length: int) -> dict:
+    """Each text's bits and characters, as `language_modeling` measures them (texts cut at `max_length` tokens)."""
+    tokenizer = model.tokenizer.tokenizer_for(domain)
+    bits, characters = [], []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"][: max_length - 1]
+        count = len(tokenizer.decode(ids))
+        bpc = language_modeling(model, [text], domain, max_length=max_length, description="test")["bits_per_character"]
+        bits.append(bpc * count)
+        characters.append(count)
+    return {"bits": bits, "characters": characters}
 
 
-def compare(label: str, base, domain: str, num_new_tokens: int) -> dict:
-    extended = extend_tokenizer(base, load_texts(domain, "train"), num_new_tokens)
-    new_tokens = len(new_tokens_of(extended, base.get_vocab()))
-    row = {"tokenizer": label, "domain": domain, "new_tokens": new_tokens}
-    for split in ("validation", "test"):
-        texts = load_texts(domain, split)
-        before, after = tokens_per_char(base, texts), tokens_per_char(extended, texts)
-        assert [extended.decode(ids) for ids in extended(texts)["input_ids"]] == texts
-        row[split] = {"base": before, "extended": after, "cut": 1 - after / before,
-                      "ceiling_cut": 1 - words_per_char(base, texts) / before}
-    return row
+def bpc_and_error(measured: dict, against: dict | None = None) -> tuple[float, float]:
+    """Bits per character (total bits / total characters) and its standard error over texts (delta method); with
+    `against`, of the difference between the two on the same texts."""
+    def linearised(m):
+        total = sum(m["characters"])
+        value = sum(m["bits"]) / total
+        return value, [(b - value * c) / total for b, c in zip(m["bits"], m["characters"])]
+
+    value, contributions = linearised(measured)
+    if against is not None:
+        other, other_contributions = linearised(against)
+        value, contributions = value - other, [a - b for a, b in zip(contributions, other_contributions)]
+    n = len(contributions)
+    return value, math.sqrt(n / (n - 1) * sum(u * u for u in contributions))
+
+
+def tokens_per_character(tokenizer, texts: list[str]) -> float:
+    ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return sum(map(len, ids)) / sum(map(len, texts))
+
+
+@torch.no_grad()
+def generate(model, corpus: str, prompts: list[str], new_tokens: int) -> tuple[float, list[str]]:
+    """Seconds to generate `new_tokens` greedy tokens after each prompt (one batch), and the texts generated."""
+    model.tokenizer.padding_side = "left"
+    batch = model.tokenizer(prompts, domain=corpus, padding=True, return_tensors="pt")
+    start = time.perf_counter()
+    output = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    seconds = time.perf_counter() - start
+    return seconds, model.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def trained_domain(corpus: str, new_tokens: list[int] | None, args, folder: Path):
+    return train(TrainingConfig(
+        output_dir=str(folder), model="smollm2", domain=corpus, add_domain=True, num_blocks=args.num_blocks,
+        new_tokens=new_tokens, train_file=str(corpus_path(corpus, "train")),
+        validation_file=str(corpus_path(corpus, "validation")), block_size=args.block_size,
+        batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.learning_rate, control_token_dropout=0.0,
+        seed=args.seed, overwrite=True)).eval()
+
+
+def measure(corpus: str, args) -> dict:
+    work = Path(args.work_dir) / corpus
+    validation, test = load_texts(corpus, "validation"), load_texts(corpus, "test")[: args.test_texts or None]
+    models = {"with": trained_domain(corpus, args.new_tokens, args, work / "with"),
+              "without": trained_domain(corpus, None, args, work / "without")}
+    record = models["with"].config.domains[corpus].get("token_init", {})
+    chosen = len(models["with"].config.domains[corpus]["tokens"]) - 1
+    step0 = dict(record.get("validation_bits_per_character", {}))
+    step0["bare backbone"] = language_modeling(models["without"], validation, None, max_length=record.get(
+        "settings", {}).get("max_length", 256))["bits_per_character"]
+    bits = {arm: per_text_bits(model, test, corpus, args.max_length) for arm, model in models.items()}
+    after = {arm: bpc_and_error(measured) for arm, measured in bits.items()}
+    difference = bpc_and_error(bits["with"], bits["without"])
+
+    prompts = [" ".join(text.split()[: args.prompt_words]) for text in test[: args.gen_batch]]
+    for model in models.values():
+        generate(model, corpus, prompts, 2)  # warm-up
+    seconds, samples = {arm: [] for arm in models}, {}
+    for repeat in range(args.gen_repeats):
+        for arm in (("with", "without") if repeat % 2 == 0 else ("without", "with")):
+            elapsed, texts = generate(models[arm], corpus, prompts, args.gen_tokens)
+            seconds[arm].append(elapsed)
+            samples[arm] = texts
+    characters = {arm: sum(map(len, texts)) for arm, texts in samples.items()}
+    speed = {arm: characters[arm] / statistics.median(seconds[arm]) for arm in models}
+    return {
+        "new_tokens_tried": args.new_tokens, "new_tokens_chosen": chosen, "step0_validation_bpc": step0,
+        "tokens_per_character": {"backbone": tokens_per_character(models["without"].tokenizer.tokenizer_for(None), test),
+                                 "domain": tokens_per_character(models["with"].tokenizer.tokenizer_for(corpus), test)},
+        "test_bpc": {arm: {"value": v, "standard_error": e} for arm, (v, e) in after.items()},
+        "test_bpc_difference": {"value": difference[0], "standard_error": difference[1]},
+        "generation": {"characters_per_second": speed, "seconds": seconds, "characters": characters,
+                       "speedup": speed["with"] / speed["without"], "samples": {a: s[:2] for a, s in samples.items()}},
+        "token_init": record,
+    }
+
+
+def markdown(results: dict) -> str:
+    args = results["args"]
+    lines = [f"SmolLM2-135M, 4-block domains trained {args['steps']} steps of {args['batch_size']} x "
+             f"{args['block_size']} tokens at learning rate {args['learning_rate']:g}, with and without tokens of their "
+             f"own (numbers tried: {', '.join(map(str, args['new_tokens']))}, chosen on validation). `{results['command']}`",
+             "", "| corpus | tokens chosen | step-0 validation bpc: backbone / domain without / with tokens | tokens "
+             "per char: backbone / domain | test bpc after training: without / with (paired difference) | generation "
+             "chars/s: without / with (speed-up) |", "|---|---|---|---|---|---|"]
+    for corpus, r in results["corpora"].items():
+        step0 = r["step0_validation_bpc"]
+        tried = ", ".join(f"{k}: {v:.4f}" for k, v in step0.items() if k not in ("bare backbone", "none"))
+        t, d, g = r["test_bpc"], r["test_bpc_difference"], r["generation"]
+        lines.append(
+            f"| {corpus} | {r['new_tokens_chosen']} | {step0['bare backbone']:.4f} / {step0.get('none', float('nan')):.4f}"
+            f" / {tried} | {r['tokens_per_character']['backbone']:.4f} / {r['tokens_per_character']['domain']:.4f} | "
+            f"{t['without']['value']:.4f} ± {t['without']['standard_error']:.4f} / {t['with']['value']:.4f} ± "
+            f"{t['with']['standard_error']:.4f} ({d['value']:+.4f} ± {d['standard_error']:.4f}) | "
+            f"{g['characters_per_second']['without']:.1f} / {g['characters_per_second']['with']:.1f} "
+            f"({g['speedup']:.3f}x) |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smollm2-new-tokens", type=int, default=4000)
-    parser.add_argument("--stories-vocab", type=int, default=4096)
-    parser.add_argument("--stories-new-tokens", type=int, default=1000)
-    parser.add_argument("--output", default="benchmarks/results/domain_tokenizers.json")
+    parser.add_argument("--corpora", nargs="+", default=["recipes", "stories"], help="the domains to measure")
+    parser.add_argument("--new-tokens", nargs="+", type=int, default=[1000, 2000],
+                        help="numbers of tokens of its own to try (the best on validation is kept)")
+    parser.add_argument("--num-blocks", type=int, default=4, help="expansion blocks of both domains")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of each domain")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per row")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="the learning rate of both arms")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens kept per test text")
+    parser.add_argument("--test-texts", type=int, default=0, help="first N test texts (0: all)")
+    parser.add_argument("--gen-batch", type=int, default=8, help="prompts generated in one batch")
+    parser.add_argument("--gen-tokens", type=int, default=64, help="new tokens per prompt")
+    parser.add_argument("--gen-repeats", type=int, default=4, help="timed generations per arm, alternating")
+    parser.add_argument("--prompt-words", type=int, default=6, help="words of a test text that prompt a generation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training runs")
+    parser.add_argument("--work-dir", default="runs/domain_tokenizers", help="where the trained domains go")
+    parser.add_argument("--results-dir", default="benchmarks/results", help="where the json and md go")
     args = parser.parse_args()
-
-    smollm2 = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=GGUF_FILE)
-    stories = train_tokenizer(load_texts("stories", "train"), vocab_size=args.stories_vocab)
-    rows = [
-        compare("SmolLM2-135M", smollm2, "recipes", args.smollm2_new_tokens),
-        compare("SmolLM2-135M", smollm2, "stories", args.smollm2_new_tokens),
-        compare(f"stories BPE {args.stories_vocab}", stories, "recipes", args.stories_new_tokens),
-    ]
-    print("| backbone tokenizer | domain | new tokens | split | tokens/char before | after | cut | ceiling |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        for split in ("validation", "test"):
-            r = row[split]
-            print(f"| {row['tokenizer']} | {row['domain']} | {row['new_tokens']} | {split} | {r['base']:.4f} | "
-                  f"{r['extended']:.4f} | {r['cut']:.1%} | {r['ceiling_cut']:.1%} |")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    results = {"command": "python " + " ".join(sys.argv), "args": vars(args),
+               "corpora": {corpus: measure(corpus, args) for corpus in args.corpora}}
+    out = Path(args.results_dir) / "domain_tokenizers"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(out.with_suffix(".json"), json.dumps(results, indent=2))
+    write_file_atomically(out.with_suffix(".md"), markdown(results))
+    print(markdown(results))
 
 
 if __name__ == "__main__":
