@@ -81,3 +81,9 @@ def test_every_python_block_runs_as_written(hub_server, tmp_path, monkeypatch):
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
+
+
+def test_the_readme_has_no_unfilled_placeholder():
+    assert not re.findall(r"\b[A-Z_]{6,}_(?:RESULTS|TEXT)\b", README)
+
+
