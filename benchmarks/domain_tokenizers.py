@@ -22,7 +22,6 @@ Writes benchmarks/results/domain_tokenizers.{json,md}. The learning rate decides
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -35,34 +34,8 @@ from domain_experts.evaluation import language_modeling
 from domain_experts.files import write_file_atomically
 from domain_experts.train import TrainingConfig, train
 
-
-def per_text_bits(model, texts: list[str], domain: str | None, max_length: int) -> dict:
-    """Each text's bits and characters, as `language_modeling` measures them (texts cut at `max_length` tokens)."""
-    tokenizer = model.tokenizer.tokenizer_for(domain)
-    bits, characters = [], []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"][: max_length - 1]
-        count = len(tokenizer.decode(ids))
-        bpc = language_modeling(model, [text], domain, max_length=max_length, description="test")["bits_per_character"]
-        bits.append(bpc * count)
-        characters.append(count)
-    return {"bits": bits, "characters": characters}
-
-
-def bpc_and_error(measured: dict, against: dict | None = None) -> tuple[float, float]:
-    """Bits per character (total bits / total characters) and its standard error over texts (delta method); with
-    `against`, of the difference between the two on the same texts."""
-    def linearised(m):
-        total = sum(m["characters"])
-        value = sum(m["bits"]) / total
-        return value, [(b - value * c) / total for b, c in zip(m["bits"], m["characters"])]
-
-    value, contributions = linearised(measured)
-    if against is not None:
-        other, other_contributions = linearised(against)
-        value, contributions = value - other, [a - b for a, b in zip(contributions, other_contributions)]
-    n = len(contributions)
-    return value, math.sqrt(n / (n - 1) * sum(u * u for u in contributions))
+# Bits per character text by text, with standard errors over texts, exactly as the research comparison measures them.
+from compare_methods import bpc_with_error, paired_difference, text_bits
 
 
 def tokens_per_character(tokenizer, texts: list[str]) -> float:
@@ -100,9 +73,10 @@ def measure(corpus: str, args) -> dict:
     step0 = dict(record.get("validation_bits_per_character", {}))
     step0["bare backbone"] = language_modeling(models["without"], validation, None, max_length=record.get(
         "settings", {}).get("max_length", 256))["bits_per_character"]
-    bits = {arm: per_text_bits(model, test, corpus, args.max_length) for arm, model in models.items()}
-    after = {arm: bpc_and_error(measured) for arm, measured in bits.items()}
-    difference = bpc_and_error(bits["with"], bits["without"])
+    bits = {arm: text_bits(model, test, corpus, args.max_length, f"{corpus} test, {arm} tokens")
+            for arm, model in models.items()}
+    after = {arm: bpc_with_error(measured) for arm, measured in bits.items()}
+    difference = paired_difference(bits["with"], bits["without"])
 
     prompts = [" ".join(text.split()[: args.prompt_words]) for text in test[: args.gen_batch]]
     for model in models.values():

@@ -89,7 +89,9 @@ def _aligned_texts(model, name: str, texts: list[str], max_length: int, whole: b
     spans = []
     for text in texts:
         offsets = own(text, **encode)["offset_mapping"]
-        for start in range(0, len(offsets), max_length - 1) if whole else [0] * bool(offsets):
+        if not offsets:
+            continue
+        for start in range(0, len(offsets), max_length - 1) if whole else [0]:
             piece = offsets[start : start + max_length - 1]
             spans.append(text[piece[0][0] : piece[-1][1]])
     aligned = []
