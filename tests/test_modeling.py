@@ -134,13 +134,15 @@ def test_a_block_that_is_not_an_identity_is_refused(monkeypatch):
 def test_mixed_batch_matches_rows_alone(setup):
     model, _ = setup
     two_trained_domains(model)
-    batch = make_batch(model, MIXED)
-    assert (batch["attention_mask"] == 0).any(), "the batch must exercise left padding"
-    mixed = model_logits(model, batch)
-    for row, (text, domain) in enumerate(MIXED):
-        alone = model_logits(model, make_batch(model, [(text, domain)]))
-        length = alone.shape[1]
-        torch.testing.assert_close(mixed[row, -length:], alone[0], atol=1e-5, rtol=0)
+    alone = {row: model_logits(model, make_batch(model, [row]))[0] for row in MIXED}
+    # A domain's rows next to each other (taken as a view) and apart (gathered and scattered by index).
+    for rows in (MIXED, MIXED + MIXED[::-1]):
+        batch = make_batch(model, rows)
+        assert (batch["attention_mask"] == 0).any(), "the batch must exercise left padding"
+        mixed = model_logits(model, batch)
+        for index, row in enumerate(rows):
+            length = alone[row].shape[0]
+            torch.testing.assert_close(mixed[index, -length:], alone[row], atol=1e-5, rtol=0)
 
 
 # e. generation: the KV cache changes nothing, a mixed batch generates what its rows generate alone ---------------

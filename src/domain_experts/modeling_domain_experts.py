@@ -264,6 +264,8 @@ class Routing:
 
     Attributes:
         rows (`dict[int, torch.LongTensor]`): for each domain present, the indices of its rows, in increasing order.
+        selectors (`dict[int, slice | torch.LongTensor]`): the same rows as a `slice` where they are consecutive (a
+            batch sorted by domain, a batch of one domain), so that taking them is a view rather than a copy.
     """
 
     def __init__(self, domain_ids: torch.LongTensor):
@@ -271,16 +273,27 @@ class Routing:
         self.batch_size = domain_ids.shape[0]
         self.rows = {index: (domain_ids == index).nonzero()[:, 0]
                      for index in domain_ids.unique().tolist() if index != BASE_ROUTE}
+        self.selectors = {index: _as_slice_if_consecutive(rows) for index, rows in self.rows.items()}
 
     def is_whole_batch(self, domain_index: int) -> bool:
         return self.rows[domain_index].numel() == self.batch_size
 
 
-def select_rows(value, rows: torch.LongTensor, batch_size: int):
+def _as_slice_if_consecutive(rows: torch.LongTensor) -> slice | torch.LongTensor:
+    first, last = rows[[0, -1]].tolist()
+    return slice(first, last + 1) if last - first + 1 == rows.numel() else rows
+
+
+def take_rows(value: torch.Tensor, rows: slice | torch.LongTensor) -> torch.Tensor:
+    """Rows `rows` (a `slice`: a view, or indices: a copy) of the batch-first tensor `value`."""
+    return value[rows] if isinstance(rows, slice) else value.index_select(0, rows)
+
+
+def select_rows(value, rows: slice | torch.LongTensor, batch_size: int):
     """`value` restricted to batch rows `rows`: batch-first tensors (2 dimensions or more) are sliced, tuples and dicts
     of them too; anything else (a cache, a flag, a tensor shared by all rows) is passed as it is."""
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, rows) if value.dim() >= 2 and value.shape[0] == batch_size else value
+        return take_rows(value, rows) if value.dim() >= 2 and value.shape[0] == batch_size else value
     if isinstance(value, tuple):
         return tuple(select_rows(item, rows, batch_size) for item in value)
     if isinstance(value, dict):
@@ -437,8 +450,9 @@ class LowRankAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        delta = nn.functional.linear(hidden_states.to(self.lora_A.dtype), self.lora_A)
-        return nn.functional.linear(delta, self.lora_B) * self.scaling
+        # Scaling the rank-r intermediate rather than the output: r values per position instead of out_features.
+        low_rank = nn.functional.linear(hidden_states.to(self.lora_A.dtype), self.lora_A) * self.scaling
+        return nn.functional.linear(low_rank, self.lora_B)
 
 
 class RoutedLinear(nn.Module):
@@ -449,29 +463,42 @@ class RoutedLinear(nn.Module):
 
     Args:
         linear (`nn.Module`): the backbone's layer (frozen, shared).
-        deltas (`list[tuple[torch.LongTensor, LowRankAdapter]]`): each routed domain's rows and adapter.
-        batch_size (`int`): rows in the batch.
+        adapters (`dict[int, LowRankAdapter]`): the adapter of each routed domain (by domain index) that adapts it.
+        routing (`Routing`): the routes of the batch.
     """
 
-    def __init__(self, linear: nn.Module, deltas: list, batch_size: int):
+    def __init__(self, linear: nn.Module, adapters: dict, routing: Routing):
         super().__init__()
         self.linear = linear
-        self.deltas = deltas
-        self.batch_size = batch_size
+        self.adapters = adapters
+        self.routing = routing
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output = self.linear(hidden_states)
+        routing = self.routing
         # Without gradients the deltas go into the layer's fresh output in place: no copy of the whole output per
         # adapted layer. With gradients, out of place (a layer's backward may need its output).
         in_place = not torch.is_grad_enabled()
-        for rows, adapter in self.deltas:
-            if rows.numel() == self.batch_size:
-                delta = adapter(hidden_states).to(output.dtype)
-                output = output.add_(delta) if in_place else output + delta
+        for domain_index, adapter in self.adapters.items():
+            rows = routing.selectors[domain_index]
+            delta = adapter(take_rows(hidden_states, rows)).to(output.dtype)
+            if in_place:
+                if isinstance(rows, slice):
+                    output[rows].add_(delta)
+                else:
+                    output.index_add_(0, rows, delta)
+            elif routing.is_whole_batch(domain_index):
+                output = output + delta
             else:
-                delta = adapter(hidden_states.index_select(0, rows)).to(output.dtype)
-                output = output.index_add_(0, rows, delta) if in_place else output.index_add(0, rows, delta)
+                output = output.index_add(0, routing.rows[domain_index], delta)
         return output
+
+
+def submodule(module: nn.Module, path: str) -> nn.Module:
+    """`module.get_submodule(path)` without its checks, for the paths of a forward pass (called per layer per call)."""
+    for name in path.split("."):
+        module = module._modules[name]
+    return module
 
 
 def module_view(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -1154,17 +1181,18 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         """Backbone layer `layer_index` as this batch runs it: the layer itself, or, where a routed domain adapts some
         of its linear layers, a view of it (`module_view`) in which those are `RoutedLinear`s adding the domain's
         deltas to its rows only. The view lives for this call; the layer is never changed."""
-        deltas: dict[str, list] = {}
+        adapters: dict[str, dict] = {}
         depth = str(layer_index)
-        for domain_index, rows in routing.rows.items():
-            adapters = self.domains[self.domain_names[domain_index]].adapters
-            if depth in adapters:
-                for path in self.config.domains[self.domain_names[domain_index]]["adapters"]["target_modules"]:
-                    deltas.setdefault(path, []).append((rows, adapters[depth].get_submodule(path)))
-        if not deltas:
+        for domain_index in routing.rows:
+            name = self.domain_names[domain_index]
+            domain_adapters = self.domains[name].adapters
+            if depth in domain_adapters:
+                for path in self.config.domains[name]["adapters"]["target_modules"]:
+                    adapters.setdefault(path, {})[domain_index] = submodule(domain_adapters[depth], path)
+        if not adapters:
             return layer
-        return module_view(layer, {path: RoutedLinear(layer.get_submodule(path), domain_deltas, routing.batch_size)
-                                   for path, domain_deltas in deltas.items()})
+        return module_view(layer, {path: RoutedLinear(submodule(layer, path), domain_adapters, routing)
+                                   for path, domain_adapters in adapters.items()})
 
     def run_expansion_blocks(self, layer_index: int, hidden_states: torch.Tensor, routing: Routing,
                              layer_kwargs: dict) -> torch.Tensor:
@@ -1186,8 +1214,9 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             if depth not in blocks:
                 continue
             whole_batch = routing.is_whole_batch(domain_index)
-            domain_hidden = hidden_states if whole_batch else hidden_states.index_select(0, rows)
-            block_kwargs = layer_kwargs if whole_batch else select_rows(layer_kwargs, rows, routing.batch_size)
+            selector = routing.selectors[domain_index]
+            domain_hidden = hidden_states if whole_batch else take_rows(hidden_states, selector)
+            block_kwargs = layer_kwargs if whole_batch else select_rows(layer_kwargs, selector, routing.batch_size)
             for block in blocks[depth]:
                 domain_hidden = _output_of(block(domain_hidden, **block_kwargs))
             hidden_states = domain_hidden if whole_batch else hidden_states.index_copy(0, rows, domain_hidden)
