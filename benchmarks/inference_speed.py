@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -268,18 +269,30 @@ def write_results(result: dict, folder: Path) -> None:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot.")
         return
     names = list(result["phases"]["prefill"])
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    labels = [textwrap.fill(name, 16) for name in names]
+    colors = ["#888", "#4c72b0", "#55a868", "#8172b3", "#c44e52"][: len(names)]
+    figure, axes = plt.subplots(1, 3 if peaks is not None else 2, figsize=(16, 4.5))
     for axis, (phase, per_name) in zip(axes, result["phases"].items()):
         ratios = [per_name[n]["ratio"] for n in names]
         errors = [[r - per_name[n]["ratio_min"] for r, n in zip(ratios, names)],
                   [per_name[n]["ratio_max"] - r for r, n in zip(ratios, names)]]
-        axis.bar(range(len(names)), ratios, yerr=errors, capsize=4,
-                 color=["#888", "#4c72b0", "#55a868", "#8172b3", "#c44e52"][: len(names)])
+        axis.bar(range(len(names)), ratios, yerr=errors, capsize=4, color=colors)
         axis.axhline(result["ideal_mixed_ratio"], color="#55a868", linestyle="--", linewidth=1, label="mixed ideal")
-        axis.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=8)
-        axis.set_title(phase)
+        axis.set_xticks(range(len(names)), labels, fontsize=7)
+        axis.set_title(f"{phase} time")
         axis.set_ylabel("time / bare backbone")
         axis.legend(loc="upper left", fontsize=8)
+    if peaks is not None:
+        axis = axes[2]
+        weights = [result["weights_bytes"][n] / mib for n in names]
+        peak = [max(peaks["prefill"][n], peaks["generation"][n]) / mib for n in names]
+        axis.bar(range(len(names)), weights, color=colors, label="weights")
+        axis.bar(range(len(names)), peak, bottom=weights, color=colors, alpha=0.4, hatch="//",
+                 label="peak of one call above them")
+        axis.set_xticks(range(len(names)), labels, fontsize=7)
+        axis.set_title("memory")
+        axis.set_ylabel("MiB")
+        axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(folder / "inference_speed.png", dpi=120)
 
