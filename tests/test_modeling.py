@@ -117,17 +117,6 @@ def test_fresh_domain_is_an_exact_identity(setup):
     assert torch.equal(routed[..., :V], backbone_logits(model, reference, batch))
 
 
-def test_a_fresh_domain_reads_after_its_control_token_as_the_backbone_reads_after_bos(setup):
-    model, reference = setup
-    model.add_domain("recipes", num_blocks=2, adapters=AdapterConfig(r=4))
-    text = model.tokenizer.tokenizer_for(None)(TEXTS["recipes"], add_special_tokens=False)["input_ids"][:24]
-    domain_row = torch.tensor([[model.control_token_id("recipes"), *text]])
-    plain_row = torch.tensor([[model.config.bos_token_id, *text]])
-    V = model.config.backbone_vocab_size
-    assert torch.equal(model_logits(model, {"input_ids": domain_row})[..., :V],
-                       backbone_logits(model, reference, {"input_ids": plain_row}))
-
-
 def test_a_block_that_is_not_an_identity_is_refused(monkeypatch):
     # As if the table named only the attention's output projection: the MLP still writes into the residual stream.
     monkeypatch.setitem(ARCHITECTURES, "llama", Architecture("model", identity_projections=("self_attn.o_proj",)))
