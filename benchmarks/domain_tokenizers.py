@@ -14,8 +14,10 @@ within 1% of the domain without them), one without. Reported per corpus:
 - tokens per character of the test split: the backbone's tokenizer against the domain's;
 - test bits per character after training, with and without the tokens (standard errors over texts; the paired
   difference on the same texts);
-- greedy generation after the first words of test texts (one batch, a fixed number of new tokens): characters per
-  second with and without the tokens, timed in alternation (median of `--gen-repeats`).
+- greedy generation after the first words of test texts (one batch, a fixed number of new tokens), timed in
+  alternation (median of `--gen-repeats`): characters per second of what each arm wrote (the two arms write different
+  texts, so this mixes speed with content), and characters per second on the domain's own text, from the same timing:
+  1 / (seconds per generated token x tokens per character of the test split).
 
 Writes benchmarks/results/domain_tokenizers.{json,md}. The learning rate decides nothing here: both arms get the same.
 """
@@ -101,25 +103,38 @@ def measure(corpus: str, args) -> dict:
     }
 
 
+def characters_per_second_on_text(result: dict, args: dict) -> dict[str, float]:
+    """Each arm's speed on the corpus's own test text: the generation timing per token, times the tokens that arm's
+    tokenizer spends per character of the test split (free generation writes other texts in each arm)."""
+    tokens = min(args["gen_batch"], args["test_texts"] or args["gen_batch"]) * args["gen_tokens"]
+    per_character = {"without": result["tokens_per_character"]["backbone"],
+                     "with": result["tokens_per_character"]["domain"]}
+    return {arm: tokens / statistics.median(result["generation"]["seconds"][arm]) / per_character[arm]
+            for arm in ("without", "with")}
+
+
 def markdown(results: dict) -> str:
     args = results["args"]
     lines = [f"SmolLM2-135M, 4-block domains trained {args['steps']} steps of {args['batch_size']} x "
              f"{args['block_size']} tokens at learning rate {args['learning_rate']:g}, with and without tokens of their "
              f"own (numbers tried: {', '.join(map(str, args['new_tokens']))}, chosen on validation). `{results['command']}`",
              "", "| corpus | tokens chosen | step-0 validation bpc: backbone / domain without / with tokens | tokens "
-             "per char: backbone / domain | test bpc after training: without / with (paired difference) | generation "
-             "chars/s: without / with (speed-up) |", "|---|---|---|---|---|---|"]
+             "per char: backbone / domain | test bpc after training: without / with (paired difference) | free "
+             "generation chars/s: without / with (speed-up) | chars/s on the test text: without / with (speed-up) |",
+             "|---|---|---|---|---|---|---|"]
     for corpus, r in results["corpora"].items():
         step0 = r["step0_validation_bpc"]
         tried = ", ".join(f"{k}: {v:.4f}" for k, v in step0.items() if k not in ("bare backbone", "none"))
         t, d, g = r["test_bpc"], r["test_bpc_difference"], r["generation"]
+        text_speed = characters_per_second_on_text(r, args)
         lines.append(
             f"| {corpus} | {r['new_tokens_chosen']} | {step0['bare backbone']:.4f} / {step0.get('none', float('nan')):.4f}"
             f" / {tried} | {r['tokens_per_character']['backbone']:.4f} / {r['tokens_per_character']['domain']:.4f} | "
             f"{t['without']['value']:.4f} ± {t['without']['standard_error']:.4f} / {t['with']['value']:.4f} ± "
             f"{t['with']['standard_error']:.4f} ({d['value']:+.4f} ± {d['standard_error']:.4f}) | "
             f"{g['characters_per_second']['without']:.1f} / {g['characters_per_second']['with']:.1f} "
-            f"({g['speedup']:.3f}x) |")
+            f"({g['speedup']:.3f}x) | {text_speed['without']:.1f} / {text_speed['with']:.1f} "
+            f"({text_speed['with'] / text_speed['without']:.3f}x) |")
     return "\n".join(lines) + "\n"
 
 

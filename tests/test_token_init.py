@@ -13,7 +13,8 @@ from conftest import TEXTS, make_batch
 from domain_experts import DomainExpertsForCausalLM
 from domain_experts.data import load_texts
 from domain_experts.evaluation import language_modeling
-from domain_experts.token_init import TokenInitConfig, add_domain_with_tokens, initialize_domain_tokens
+from domain_experts.token_init import (TokenInitConfig, add_domain_with_tokens, initialize_domain_tokens,
+                                       same_characters)
 
 
 QUICK = TokenInitConfig(distill_steps=8, fit_iterations=15, max_texts=40, max_length=96)
@@ -56,6 +57,18 @@ def test_the_fitted_start_reads_the_domain_better_and_changes_nothing_else(famil
     assert all(not p.requires_grad for p in model.backbone.parameters())
 
 
+def test_validation_reads_the_same_characters_with_and_without_new_tokens(texts):
+    model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama"), tokenizer=tiny_tokenizer())
+    model.add_domain("recipes", num_blocks=1, corpus=texts["train"], num_new_tokens=40)
+    cut = same_characters(model, texts["validation"], max_length=32)
+    assert any(len(short) < len(text) for short, text in zip(cut, texts["validation"]))
+    for short, text in zip(cut, texts["validation"]):
+        assert text.startswith(short)
+        for domain in (None, "recipes"):  # neither tokenization is cut again at 32 tokens (BOS or control token first)
+            ids = model.tokenizer.tokenizer_for(domain)(short, add_special_tokens=False, split_special_tokens=True)
+            assert len(ids["input_ids"]) <= 31
+
+
 def test_the_number_of_tokens_is_chosen_on_validation_text(texts):
     model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama"), tokenizer=tiny_tokenizer())
     record = add_domain_with_tokens(model, "recipes", texts["train"], texts["validation"], [10, 40], QUICK,
@@ -63,8 +76,11 @@ def test_the_number_of_tokens_is_chosen_on_validation_text(texts):
     tried = {k: v for k, v in record["validation_bits_per_character"].items() if k != "none"}
     best = min(tried, key=tried.get)
     assert record["new_tokens"] == int(best) and len(model.config.domains["recipes"]["tokens"]) == 1 + int(best)
-    # The domain added is the one measured: its validation bits per character are those recorded.
-    assert bits_per_character(model, texts["validation"], "recipes") == pytest.approx(tried[best], rel=1e-5)
+    # The domain added is the one measured: its validation bits per character are those recorded, on the validation
+    # texts cut where the backbone's tokens reach `max_length`, the same characters whatever the number tried.
+    measured = same_characters(model, texts["validation"], QUICK.max_length)
+    assert any(len(cut) < len(text) for cut, text in zip(measured, texts["validation"])), "some text must be cut"
+    assert bits_per_character(model, measured, "recipes") == pytest.approx(tried[best], rel=1e-5)
     assert model.config.vocab_size == model.config.backbone_vocab_size + 1 + int(best), "no id spent on a trial"
 
 

@@ -320,6 +320,19 @@ def initialize_domain_tokens(model, name: str, texts: list[str], config: TokenIn
     return record
 
 
+def same_characters(model, texts: list[str], max_length: int) -> list[str]:
+    """Each text cut to the characters the backbone's first `max_length - 1` tokens cover.
+
+    A domain's tokenization of a text is never longer than the backbone's (it only joins backbone tokens), so a
+    measurement cut at `max_length` tokens reads exactly these characters with or without tokens of the domain's own;
+    cut by tokens instead, it would read more of each long text with them, and compare other characters.
+    """
+    tokenizer = model.tokenizer.tokenizer_for(None)
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    return [text[: offsets[max_length - 2][1]] if len(offsets) > max_length - 1 else text
+            for text, offsets in zip(texts, encoded["offset_mapping"])]
+
+
 def add_domain_with_tokens(model, name: str, texts: list[str], validation_texts: list[str],
                            num_new_tokens: int | list[int], init: TokenInitConfig | None = None,
                            tolerance: float = 0.01, **add_domain_kwargs) -> dict:
@@ -327,9 +340,10 @@ def add_domain_with_tokens(model, name: str, texts: list[str], validation_texts:
 
     Each number in `num_new_tokens` is tried on a scratch copy of the domain that shares the backbone: tokens learned
     from `texts` (`extend_tokenizer`), started by `initialize_domain_tokens` (with `init`), then measured in bits per
-    character on `validation_texts` through the control token. The best is added to `model` if it is within
-    `tolerance` (relative) of the same domain without tokens of its own; if none is, the domain is added without them
-    and a warning says so. `add_domain_kwargs` go to `add_domain` (blocks, adapters).
+    character on `validation_texts` (each cut to the same characters for every number, see `same_characters`) through
+    the control token. The best is added to `model` if it is within `tolerance` (relative) of the same domain without
+    tokens of its own; if none is, the domain is added without them and a warning says so. `add_domain_kwargs` go to
+    `add_domain` (blocks, adapters).
 
     Returns:
         The record kept in `model.config.domains[name]["token_init"]`: the validation bits per character of each number
@@ -346,6 +360,8 @@ def add_domain_with_tokens(model, name: str, texts: list[str], validation_texts:
         config = copy.deepcopy(model.config)
         config.domains = {}
         return type(model)(config, backbone=model.backbone, tokenizer=model.tokenizer)
+
+    validation_texts = same_characters(model, validation_texts, init.max_length)
 
     def validation_bpc(scratch) -> float:
         return language_modeling(scratch, validation_texts, name, max_length=init.max_length,
@@ -385,4 +401,4 @@ def add_domain_with_tokens(model, name: str, texts: list[str], validation_texts:
 
 
 __all__ = ["TokenInitConfig", "add_domain_with_tokens", "distill_input_rows", "fit_output_rows",
-           "initialize_domain_tokens"]
+           "initialize_domain_tokens", "same_characters"]
