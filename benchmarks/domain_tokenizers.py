@@ -91,26 +91,23 @@ def measure(corpus: str, args) -> dict:
             samples[arm] = texts
     characters = {arm: sum(map(len, texts)) for arm, texts in samples.items()}
     speed = {arm: characters[arm] / statistics.median(seconds[arm]) for arm in models}
+    per_character = {"without": tokens_per_character(models["without"].tokenizer.tokenizer_for(None), test),
+                     "with": tokens_per_character(models["with"].tokenizer.tokenizer_for(corpus), test)}
+    # Free generation writes other texts in each arm; on the corpus's own text an arm decodes one token per
+    # generation step, and spends its tokenizer's tokens per character.
+    generated = len(prompts) * args.gen_tokens
+    on_text = {arm: generated / statistics.median(seconds[arm]) / per_character[arm] for arm in models}
     return {
         "new_tokens_tried": args.new_tokens, "new_tokens_chosen": chosen, "step0_validation_bpc": step0,
-        "tokens_per_character": {"backbone": tokens_per_character(models["without"].tokenizer.tokenizer_for(None), test),
-                                 "domain": tokens_per_character(models["with"].tokenizer.tokenizer_for(corpus), test)},
+        "tokens_per_character": {"backbone": per_character["without"], "domain": per_character["with"]},
         "test_bpc": {arm: {"value": v, "standard_error": e} for arm, (v, e) in after.items()},
         "test_bpc_difference": {"value": difference[0], "standard_error": difference[1]},
         "generation": {"characters_per_second": speed, "seconds": seconds, "characters": characters,
-                       "speedup": speed["with"] / speed["without"], "samples": {a: s[:2] for a, s in samples.items()}},
+                       "speedup": speed["with"] / speed["without"], "samples": {a: s[:2] for a, s in samples.items()},
+                       "tokens_generated": generated, "characters_per_second_on_text": on_text,
+                       "speedup_on_text": on_text["with"] / on_text["without"]},
         "token_init": record,
     }
-
-
-def characters_per_second_on_text(result: dict, args: dict) -> dict[str, float]:
-    """Each arm's speed on the corpus's own test text: the generation timing per token, times the tokens that arm's
-    tokenizer spends per character of the test split (free generation writes other texts in each arm)."""
-    tokens = min(args["gen_batch"], args["test_texts"] or args["gen_batch"]) * args["gen_tokens"]
-    per_character = {"without": result["tokens_per_character"]["backbone"],
-                     "with": result["tokens_per_character"]["domain"]}
-    return {arm: tokens / statistics.median(result["generation"]["seconds"][arm]) / per_character[arm]
-            for arm in ("without", "with")}
 
 
 def markdown(results: dict) -> str:
@@ -126,7 +123,7 @@ def markdown(results: dict) -> str:
         step0 = r["step0_validation_bpc"]
         tried = ", ".join(f"{k}: {v:.4f}" for k, v in step0.items() if k not in ("bare backbone", "none"))
         t, d, g = r["test_bpc"], r["test_bpc_difference"], r["generation"]
-        text_speed = characters_per_second_on_text(r, args)
+        text_speed = g["characters_per_second_on_text"]
         lines.append(
             f"| {corpus} | {r['new_tokens_chosen']} | {step0['bare backbone']:.4f} / {step0.get('none', float('nan')):.4f}"
             f" / {tried} | {r['tokens_per_character']['backbone']:.4f} / {r['tokens_per_character']['domain']:.4f} | "
@@ -134,7 +131,7 @@ def markdown(results: dict) -> str:
             f"{t['with']['standard_error']:.4f} ({d['value']:+.4f} ± {d['standard_error']:.4f}) | "
             f"{g['characters_per_second']['without']:.1f} / {g['characters_per_second']['with']:.1f} "
             f"({g['speedup']:.3f}x) | {text_speed['without']:.1f} / {text_speed['with']:.1f} "
-            f"({text_speed['with'] / text_speed['without']:.3f}x) |")
+            f"({g['speedup_on_text']:.3f}x) |")
     return "\n".join(lines) + "\n"
 
 

@@ -96,22 +96,24 @@ class Setup:
         def gen(m, **kwargs):
             return lambda: m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **generate, **kwargs)
 
-        configurations = {
-            "bare backbone": (prefill(bare), gen(bare)),
-            "base rows": (prefill(model), gen(model)),
-            "mixed batch (half domain rows)": (prefill(model, domain_ids=domain_ids), gen(model, domain_ids=domain_ids)),
-            f"mixed batch, domain with rank-{args.adapter_rank} adapters": (
-                prefill(model, domain_ids=adapter_domain_ids), gen(model, domain_ids=adapter_domain_ids)),
-            "peft LoRA, mixed batch": (prefill(lora, adapter_names=routes), gen(lora, adapter_names=routes)),
+        # Each configuration: the model it runs, and what it runs with (the same for prefill and generation).
+        runs = {
+            "bare backbone": (bare, {}),
+            "base rows": (model, {}),
+            "mixed batch (half domain rows)": (model, {"domain_ids": domain_ids}),
+            f"mixed batch, domain with rank-{args.adapter_rank} adapters": (model, {"domain_ids": adapter_domain_ids}),
+            "peft LoRA, mixed batch": (lora, {"adapter_names": routes}),
         }
-        self.bare, self.model, self.lora, self.tokenizer = bare, model, lora, tokenizer
+        configurations = {name: (prefill(m, **kwargs), gen(m, **kwargs)) for name, (m, kwargs) in runs.items()}
+        self.model_of = {name: m for name, (m, _) in runs.items()}
+        self.bare, self.model = bare, model
         self.configurations, self.ids, self.prompt, self.half = configurations, ids, prompt, half
         self.domain_ids, self.rank = domain_ids, rank
         self.domain_parameters, self.lora_parameters = domain_parameters, lora_parameters
 
     def weights_bytes(self, name: str) -> int:
         """Bytes of the parameters and buffers of the model configuration `name` runs (shared tensors once)."""
-        model = self.bare if name == "bare backbone" else self.lora if name.startswith("peft") else self.model
+        model = self.model_of[name]
         tensors = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}
         return sum(tensors.values())
 
