@@ -16,6 +16,7 @@ from backbones import tiny_backbone, tiny_tokenizer
 from safetensors.torch import load_file
 
 from domain_experts import DomainExpertsForCausalLM
+from domain_experts.modeling_domain_experts import DomainExpansion
 from domain_experts.data import corpus_path, load_texts
 from domain_experts.train import TrainingConfig, latest_checkpoint, load_text_datasets, save_checkpoint, train
 
@@ -466,5 +467,42 @@ def test_tokens_of_its_own_are_chosen_on_validation_and_their_story_is_saved(tin
     assert set(saved["validation_bits_per_character"]) == {"none", "10", "30"}
     assert saved["new_tokens"] == len(model.config.domains["recipes"]["tokens"]) - 1
     if saved["new_tokens"]:
-        assert saved["trained"] == [{"steps": 4, "learning_rate": 1e-3, "block_size": 64, "batch_size": 2,
-                                     "with": "the domain's blocks and adapters (domain_experts.train)"}]
+        assert saved["trained"] == [{"steps": 4, "learning_rate": 1e-3, "token_learning_rate": 1e-3, "block_size": 64,
+                                     "batch_size": 2, "with": "the domain's blocks and adapters (domain_experts.train)"}]
+
+
+def test_token_rows_train_at_their_own_learning_rate(tiny_model_dir, tmp_path):
+    """--token-learning-rate applies to every row of the domain's tokens (input, output, biases, the control token's)
+    and to nothing else: at a rate too small to move them, runs at two learning rates end with the same token rows
+    and different blocks."""
+    runs = {rate: train(small_config(tiny_model_dir, tmp_path / f"lr{rate}", new_tokens=[10], token_init="mean",
+                                     learning_rate=rate, token_learning_rate=1e-30))
+            for rate in (1e-3, 5e-3)}
+    slow, fast = (runs[rate].domains["recipes"] for rate in (1e-3, 5e-3))
+    names = [name for name in DomainExpansion.token_parameter_names if getattr(slow, name) is not None]
+    assert "token_embeddings" in names and "output_embeddings" in names
+    for name in names:
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=1e-20, msg=name)
+    blocks = [key for key in slow.state_dict() if key.startswith("blocks.") and key.endswith("o_proj.weight")]
+    assert blocks and all(not torch.equal(slow.state_dict()[key], fast.state_dict()[key]) for key in blocks)
+    saved = json.loads((tmp_path / "lr0.001" / "model" / "config.json").read_text())["domains"]["recipes"]
+    assert saved["token_init"]["trained"][0]["token_learning_rate"] == 1e-30
+    with pytest.raises(ValueError, match="--token-learning-rate must be positive, got 0.0"):
+        train(small_config(tiny_model_dir, tmp_path / "bad", token_learning_rate=0.0))
+    with pytest.raises(ValueError, match="a backbone pretrained with --preset trains at --learning-rate"):
+        train(TrainingConfig(output_dir=str(tmp_path / "bad"), preset="tiny", token_learning_rate=1e-3,
+                             train_file=str(corpus_path("stories", "validation"))))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_token_tolerance_decides_whether_tokens_that_start_worse_are_kept(tiny_model_dir, tmp_path):
+    """A tiny random backbone reads no better with extra tokens: with a tolerance that large the best number is kept
+    anyway, and the record says which tolerance decided; a negative one is refused before anything is written."""
+    model = train(small_config(tiny_model_dir, tmp_path / "run", new_tokens=[10], token_init_distill_steps=2,
+                               max_steps=1, token_tolerance=1e9))
+    record = model.config.domains["recipes"]["token_init"]
+    assert record["new_tokens"] == 10 == len(model.config.domains["recipes"]["tokens"]) - 1
+    assert record["tolerance"] == 1e9 and record["validation_texts"] > 0
+    with pytest.raises(ValueError, match="--token-tolerance must be 0 or more"):
+        train(small_config(tiny_model_dir, tmp_path / "bad", new_tokens=[10], token_tolerance=-0.5))
+    assert not (tmp_path / "bad").exists()

@@ -590,6 +590,9 @@ class DomainExpansion(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(hidden_size, dtype=torch.float32), requires_grad=False)
         self.gate_bias = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
 
+    # The parameters that are rows of the domain's tokens (its control token's input row included).
+    token_parameter_names = ("token_embeddings", "output_embeddings", "output_bias", "logit_bias")
+
     def output_weight(self) -> torch.Tensor | None:
         """Output rows `(num_tokens - 1, hidden_size)` of the domain's tokenizer tokens, or None if it has none."""
         if self.token_embeddings.shape[0] == 1:

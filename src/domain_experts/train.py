@@ -59,7 +59,7 @@ from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging
 
 from .configuration_domain_experts import AdapterConfig, check_domain_name
-from .modeling_domain_experts import BASE_ROUTE
+from .modeling_domain_experts import BASE_ROUTE, DomainExpansion
 from .files import (
     DataFileError,
     check_location,
@@ -128,6 +128,13 @@ def _validate(config: TrainingConfig) -> None:
         raise ValueError("--new-tokens gives tokens of its own to a domain added with --add-domain.")
     if config.new_tokens and min(config.new_tokens) < 1:
         raise ValueError(f"--new-tokens must be positive numbers, got {config.new_tokens}.")
+    if config.token_learning_rate is not None and not config.token_learning_rate > 0:
+        raise ValueError(f"--token-learning-rate must be positive, got {config.token_learning_rate}.")
+    if config.token_learning_rate is not None and config.preset:
+        raise ValueError("--token-learning-rate sets the rate of a domain's token rows; a backbone pretrained with "
+                         "--preset trains at --learning-rate.")
+    if not config.token_tolerance >= 0:
+        raise ValueError(f"--token-tolerance must be 0 or more, got {config.token_tolerance}.")
     if config.token_init_distill_steps < 0:
         raise ValueError(f"--token-init-distill-steps must be 0 or more, got {config.token_init_distill_steps}.")
     if config.model not in (None, "smollm2"):
@@ -327,7 +334,7 @@ def _add_domain(model, name: str, config: TrainingConfig, adapters: AdapterConfi
             texts, validation_texts = texts[:cut], texts[cut:]
         add_domain_with_tokens(model, name, list(texts), list(validation_texts)[:100], config.new_tokens,
                                TokenInitConfig(distill_steps=config.token_init_distill_steps, seed=config.seed),
-                               num_blocks=config.num_blocks, adapters=adapters)
+                               tolerance=config.token_tolerance, num_blocks=config.num_blocks, adapters=adapters)
 
 
 def _context_length(model) -> int | None:
@@ -754,6 +761,17 @@ def train(config: TrainingConfig):
         return _train(config)
 
 
+def _optimizer_groups(model, trainable: list[torch.nn.Parameter], config: TrainingConfig) -> list[dict]:
+    """AdamW's parameter groups: one, or, with `config.token_learning_rate`, the domains' token rows apart at theirs."""
+    if config.token_learning_rate is None:
+        return [{"params": trainable}]
+    token_rows = {id(getattr(domain, name)) for domain in model.domains.values()
+                  for name in DomainExpansion.token_parameter_names if getattr(domain, name) is not None}
+    groups = [{"params": [p for p in trainable if id(p) not in token_rows]},
+              {"params": [p for p in trainable if id(p) in token_rows], "lr": config.token_learning_rate}]
+    return [group for group in groups if group["params"]]
+
+
 def _in_group(parameter_name: str, group: str | None) -> bool:
     """Whether a parameter (by its name in the prepared model) belongs to domain `group` (None: the backbone)."""
     return group is None or f"domains.{group}." in parameter_name
@@ -842,7 +860,8 @@ def _train(config: TrainingConfig):
     eval_loader = torch.utils.data.DataLoader(
         validation_blocks, batch_size=config.batch_size, collate_fn=lambda batch_rows: collator(batch_rows, step=0))
     trainable = [p for group in parameter_groups.values() for p in group]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_optimizer_groups(model, trainable, config), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.max_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
@@ -918,8 +937,10 @@ def _train(config: TrainingConfig):
         if record and record.get("new_tokens", 1):
             # How the tokens went on after their start (kept in the config, so in packs): trained with the domain.
             record.setdefault("trained", []).append({
-                "steps": completed_steps, "learning_rate": config.learning_rate, "block_size": config.block_size,
-                "batch_size": config.batch_size, "with": "the domain's blocks and adapters (domain_experts.train)"})
+                "steps": completed_steps, "learning_rate": config.learning_rate,
+                "token_learning_rate": config.token_learning_rate or config.learning_rate,
+                "block_size": config.block_size, "batch_size": config.batch_size,
+                "with": "the domain's blocks and adapters (domain_experts.train)"})
     if accelerator.is_main_process:
 
         def write(folder: Path) -> None:
