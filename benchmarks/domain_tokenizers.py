@@ -3,23 +3,28 @@
     python benchmarks/domain_tokenizers.py                      # recipes and stories on SmolLM2-135M
     python benchmarks/domain_tokenizers.py --corpora recipes --steps 200 --new-tokens 1000 2000
 
-For each corpus, two 4-block domains are added to SmolLM2-135M-Instruct and trained alike (the library's `train`, the
-same steps, rows and learning rate): one with tokens of its own (`--new-tokens` numbers tried, the one reading the
-validation split best before training kept by `domain_experts.token_init.add_domain_with_tokens`, none if none is
-within 1% of the domain without them), one without. Reported per corpus:
+For each corpus, two domains of --num-blocks blocks are added to the backbone (SmolLM2-135M-Instruct unless --backbone
+says otherwise) and trained alike (the library's `train`, the same steps, rows and learning rate): one with tokens of its
+own (`--new-tokens` numbers tried, the one reading the validation split best before training kept by
+`domain_experts.token_init.add_domain_with_tokens`, none if none is within --token-tolerance (1%) of the domain without
+them), one without. Both start saved (`add_domain_with_tokens`, `add_domain`) and train from there. The arm with tokens
+trains once per `--token-learning-rates` value (the rate of its token rows, `--token-learning-rate` of `train`; the
+other parameters keep `--learning-rate`), and the run reading the first `--validation-texts` validation texts best is
+the one measured. Reported per corpus:
 
 - step 0: validation bits per character before training, of the bare backbone, of the domain without tokens of its
   own, and of the domain with each number of tokens tried (started by `token_init`'s default: distilled input rows,
   fitted output rows and biases);
+- validation bits per character after training: without tokens, and with them at each token learning rate tried;
 - tokens per character of the test split: the backbone's tokenizer against the domain's;
 - test bits per character after training, with and without the tokens (standard errors over texts; the paired
-  difference on the same texts);
+  difference on the same texts), on the same characters of each text (`token_init.same_characters`);
 - greedy generation after the first words of test texts (one batch, a fixed number of new tokens), timed in
   alternation (median of `--gen-repeats`): characters per second of what each arm wrote (the two arms write different
   texts, so this mixes speed with content), and characters per second on the domain's own text, from the same timing:
   1 / (seconds per generated token x tokens per character of the test split).
 
-Writes benchmarks/results/domain_tokenizers.{json,md}. The learning rate decides nothing here: both arms get the same.
+Writes benchmarks/results/domain_tokenizers.{json,md}. The test split decides nothing.
 """
 
 import argparse
@@ -31,9 +36,13 @@ from pathlib import Path
 
 import torch
 
+from accelerate.utils import set_seed
+
+from domain_experts import DomainExpertsForCausalLM
 from domain_experts.data import corpus_path, load_texts
 from domain_experts.evaluation import language_modeling
 from domain_experts.files import write_file_atomically
+from domain_experts.token_init import TokenInitConfig, add_domain_with_tokens, same_characters
 from domain_experts.train import TrainingConfig, train
 
 # Bits per character text by text, with standard errors over texts, exactly as the research comparison measures them.
@@ -56,26 +65,65 @@ def generate(model, corpus: str, prompts: list[str], new_tokens: int) -> tuple[f
     return seconds, model.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def trained_domain(corpus: str, new_tokens: list[int] | None, args, folder: Path):
+def trained_domain(corpus: str, start: Path, args, folder: Path, token_learning_rate: float | None = None):
+    """The domain `corpus` of the model saved in `start`, trained by the library's `train` (both arms alike)."""
     return train(TrainingConfig(
-        output_dir=str(folder), model="smollm2", domain=corpus, add_domain=True, num_blocks=args.num_blocks,
-        new_tokens=new_tokens, train_file=str(corpus_path(corpus, "train")),
+        output_dir=str(folder), model=str(start), domain=corpus, train_file=str(corpus_path(corpus, "train")),
         validation_file=str(corpus_path(corpus, "validation")), block_size=args.block_size,
-        batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.learning_rate, control_token_dropout=0.0,
-        seed=args.seed, overwrite=True)).eval()
+        batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.learning_rate,
+        token_learning_rate=token_learning_rate, control_token_dropout=0.0, seed=args.seed, overwrite=True)).eval()
+
+
+def starting_models(corpus: str, args, work: Path) -> tuple[dict[str, Path], dict]:
+    """Both arms before training, saved: the domain with tokens of its own as `add_domain_with_tokens` chooses and
+    starts them (as `domain-experts train --new-tokens` does), and the same domain without them; and the record of
+    how the tokens were chosen and started."""
+    folders = {"with": work / "with-start", "without": work / "without-start"}
+    validation = load_texts(corpus, "validation")[:100]  # as `train` passes them
+    for arm, folder in folders.items():
+        model = DomainExpertsForCausalLM.from_backbone(args.backbone)
+        set_seed(args.seed)
+        if arm == "with":
+            record = add_domain_with_tokens(model, corpus, load_texts(corpus, "train"), validation, args.new_tokens,
+                                   TokenInitConfig(seed=args.seed), tolerance=args.token_tolerance,
+                                   num_blocks=args.num_blocks)
+        else:
+            model.add_domain(corpus, num_blocks=args.num_blocks)
+        model.save_pretrained(folder)
+    return folders, record
 
 
 def measure(corpus: str, args) -> dict:
     work = Path(args.work_dir) / corpus
     validation, test = load_texts(corpus, "validation"), load_texts(corpus, "test")[: args.test_texts or None]
-    models = {"with": trained_domain(corpus, args.new_tokens, args, work / "with"),
-              "without": trained_domain(corpus, None, args, work / "without")}
+    starts, start_record = starting_models(corpus, args, work)
+    models = {"without": trained_domain(corpus, starts["without"], args, work / "without")}
+    # The arm with tokens trains at each token learning rate given; the one reading the validation texts best is kept.
+    # Without tokens of its own kept, its token rows are a control token's only, and one run is enough.
+    rates = args.token_learning_rates if start_record["new_tokens"] else [args.learning_rate]
+    length = TokenInitConfig().max_length  # validation texts are read as the step-0 check reads them
+    chosen_on = same_characters(models["without"], validation[:args.validation_texts], length)
+    tried_rates, best = {}, None
+    for rate in rates:
+        model = trained_domain(corpus, starts["with"], args, work / f"with-token-lr-{rate:g}", rate)
+        tried_rates[f"{rate:g}"] = bpc = language_modeling(model, chosen_on, corpus, max_length=length)[
+            "bits_per_character"]
+        if best is None or bpc < best[0]:
+            best = (bpc, rate, model)
+        del model
+    models["with"] = best[2]
+    validation_after = {"without": language_modeling(models["without"], chosen_on, corpus, max_length=length)[
+        "bits_per_character"], "with": tried_rates}
     record = models["with"].config.domains[corpus].get("token_init", {})
     chosen = len(models["with"].config.domains[corpus]["tokens"]) - 1
     step0 = dict(record.get("validation_bits_per_character", {}))
-    step0["bare backbone"] = language_modeling(models["without"], validation, None, max_length=record.get(
-        "settings", {}).get("max_length", 256))["bits_per_character"]
-    bits = {arm: text_bits(model, test, corpus, args.max_length, f"{corpus} test, {arm} tokens")
+    step0["bare backbone"] = language_modeling(  # on the validation texts the numbers tried were measured on
+        models["without"], validation[: record.get("validation_texts")], None,
+        max_length=record.get("settings", {}).get("max_length", 256))["bits_per_character"]
+    # Both arms read the same characters of each text: cut by each arm's own tokens, the one with tokens of its own
+    # would read further into long texts.
+    cut_test = same_characters(models["without"], test, args.max_length)
+    bits = {arm: text_bits(model, cut_test, corpus, args.max_length, f"{corpus} test, {arm} tokens")
             for arm, model in models.items()}
     after = {arm: bpc_with_error(measured) for arm, measured in bits.items()}
     difference = paired_difference(bits["with"], bits["without"])
@@ -99,6 +147,7 @@ def measure(corpus: str, args) -> dict:
     on_text = {arm: generated / statistics.median(seconds[arm]) / per_character[arm] for arm in models}
     return {
         "new_tokens_tried": args.new_tokens, "new_tokens_chosen": chosen, "step0_validation_bpc": step0,
+        "validation_bpc_after_training": validation_after, "token_learning_rate_chosen": best[1],
         "tokens_per_character": {"backbone": per_character["without"], "domain": per_character["with"]},
         "test_bpc": {arm: {"value": v, "standard_error": e} for arm, (v, e) in after.items()},
         "test_bpc_difference": {"value": difference[0], "standard_error": difference[1]},
@@ -112,18 +161,23 @@ def measure(corpus: str, args) -> dict:
 
 def markdown(results: dict) -> str:
     args = results["args"]
-    lines = [f"SmolLM2-135M, 4-block domains trained {args['steps']} steps of {args['batch_size']} x "
+    backbone = "SmolLM2-135M" if args["backbone"] == "smollm2" else args["backbone"]
+    lines = [f"{backbone}, {args['num_blocks']}-block domains trained {args['steps']} steps of {args['batch_size']} x "
              f"{args['block_size']} tokens at learning rate {args['learning_rate']:g}, with and without tokens of their "
              f"own (numbers tried: {', '.join(map(str, args['new_tokens']))}, chosen on validation). `{results['command']}`",
              "", "| corpus | tokens chosen | step-0 validation bpc: backbone / domain without / with tokens | tokens "
              "per char: backbone / domain | test bpc after training: without / with (paired difference) | free "
-             "generation chars/s: without / with (speed-up) | chars/s on the test text: without / with (speed-up) |",
-             "|---|---|---|---|---|---|---|"]
+             "generation chars/s: without / with (speed-up) | chars/s on the test text: without / with (speed-up) | "
+             "validation bpc after training: without / with, per token learning rate |",
+             "|---|---|---|---|---|---|---|---|"]
     for corpus, r in results["corpora"].items():
         step0 = r["step0_validation_bpc"]
         tried = ", ".join(f"{k}: {v:.4f}" for k, v in step0.items() if k not in ("bare backbone", "none"))
         t, d, g = r["test_bpc"], r["test_bpc_difference"], r["generation"]
         text_speed = g["characters_per_second_on_text"]
+        v = r["validation_bpc_after_training"]
+        rates = ", ".join((f"**{k}: {b:.4f}**" if float(k) == r["token_learning_rate_chosen"] else f"{k}: {b:.4f}")
+                          for k, b in v["with"].items())
         lines.append(
             f"| {corpus} | {r['new_tokens_chosen']} | {step0['bare backbone']:.4f} / {step0.get('none', float('nan')):.4f}"
             f" / {tried} | {r['tokens_per_character']['backbone']:.4f} / {r['tokens_per_character']['domain']:.4f} | "
@@ -131,15 +185,27 @@ def markdown(results: dict) -> str:
             f"{t['with']['standard_error']:.4f} ({d['value']:+.4f} ± {d['standard_error']:.4f}) | "
             f"{g['characters_per_second']['without']:.1f} / {g['characters_per_second']['with']:.1f} "
             f"({g['speedup']:.3f}x) | {text_speed['without']:.1f} / {text_speed['with']:.1f} "
-            f"({g['speedup_on_text']:.3f}x) |")
+            f"({g['speedup_on_text']:.3f}x) | {v['without']:.4f} / {rates} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="smollm2",
+                        help="the backbone: smollm2 (SmolLM2-135M-Instruct, offline from its PyPI wheel), or a causal "
+                             "LM folder or Hub id")
     parser.add_argument("--corpora", nargs="+", default=["recipes", "stories"], help="the domains to measure")
     parser.add_argument("--new-tokens", nargs="+", type=int, default=[1000, 2000],
                         help="numbers of tokens of its own to try (the best on validation is kept)")
+    parser.add_argument("--token-tolerance", type=float, default=0.01,
+                        help="keep the best number of tokens if it reads the validation text within this (relative) of "
+                             "the domain without them before training; a large value keeps it whatever it reads, to "
+                             "measure what training makes of it")
+    parser.add_argument("--token-learning-rates", nargs="+", type=float, default=None,
+                        help="learning rates of the token rows of the arm with tokens, each tried in a run of its own "
+                             "(the best on the validation texts is kept; default: --learning-rate)")
+    parser.add_argument("--validation-texts", type=int, default=100,
+                        help="first N validation texts that choose the token learning rate")
     parser.add_argument("--num-blocks", type=int, default=4, help="expansion blocks of both domains")
     parser.add_argument("--steps", type=int, default=200, help="training steps of each domain")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
@@ -155,6 +221,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default="runs/domain_tokenizers", help="where the trained domains go")
     parser.add_argument("--results-dir", default="benchmarks/results", help="where the json and md go")
     args = parser.parse_args()
+    args.token_learning_rates = args.token_learning_rates or [args.learning_rate]
     results = {"command": "python " + " ".join(sys.argv), "args": vars(args),
                "corpora": {corpus: measure(corpus, args) for corpus in args.corpora}}
     out = Path(args.results_dir) / "domain_tokenizers"

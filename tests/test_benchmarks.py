@@ -1,6 +1,7 @@
 """The issue 7 and 14 comparison (benchmarks/compare_methods.py) runs in one go and resumes, at toy sizes: setting S end
 to end, and setting M's procedure (learning rates chosen on validation, paired standard errors, the speed phase) on
-setting S's tiny backbone instead of SmolLM2. The real runs are in README."""
+setting S's tiny backbone instead of SmolLM2; the issue 15 benchmark (benchmarks/domain_tokenizers.py) on that backbone
+too. The real runs are in README."""
 
 import importlib.util
 import json
@@ -171,3 +172,31 @@ def test_standard_errors_and_rate_lattice(script):
                                                             / 2)
     assert script.next_rate(1e-3, upward=True) == 3e-3 and script.next_rate(1e-3, upward=False) == 3e-4
     assert script.next_rate(3e-4, upward=True) == 1e-3
+
+
+def domain_tokenizers(tmp_path: Path, backbone: str, *flags: str) -> dict:
+    script = SCRIPT.with_name("domain_tokenizers.py")
+    command = [sys.executable, str(script), "--backbone", backbone, "--corpora", "recipes", "--steps", "2",
+               "--test-texts", "3", "--validation-texts", "3", "--gen-batch", "2", "--gen-tokens", "3",
+               "--gen-repeats", "2", "--work-dir", str(tmp_path / "tokens"), "--results-dir", str(tmp_path / "out"),
+               *flags]
+    run = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((tmp_path / "out" / "domain_tokenizers.json").read_text())["corpora"]["recipes"]
+
+
+def test_domain_tokenizers_chooses_the_token_learning_rate_on_validation(first_run, tmp_path):
+    """Tokens kept (a tolerance that keeps any): the arm with them trains at each token learning rate, the one reading
+    validation best is measured, and its record says which; both arms are measured on the same characters."""
+    result = domain_tokenizers(tmp_path, backbone_of(first_run), "--new-tokens", "30", "--token-tolerance", "100",
+                               "--token-learning-rates", "1e-3", "1e-2")
+    assert result["new_tokens_chosen"] == 30
+    tried = result["validation_bpc_after_training"]["with"]
+    assert set(tried) == {"0.001", "0.01"}
+    assert result["token_learning_rate_chosen"] == float(min(tried, key=tried.get))
+    assert result["token_init"]["trained"][-1]["token_learning_rate"] == result["token_learning_rate_chosen"]
+    assert result["tokens_per_character"]["domain"] < result["tokens_per_character"]["backbone"]
+    markdown = (tmp_path / "out" / "domain_tokenizers.md").read_text()
+    assert f"**{min(tried, key=tried.get)}: " in markdown
+
