@@ -3,9 +3,9 @@
     python benchmarks/domain_tokenizers.py                      # recipes and stories on SmolLM2-135M
     python benchmarks/domain_tokenizers.py --corpora recipes --steps 200 --new-tokens 1000 2000
 
-For each corpus, two domains of --num-blocks blocks are added to the backbone (SmolLM2-135M-Instruct unless --backbone
-says otherwise) and trained alike (the library's `train`, the same steps, rows and learning rate): one with tokens of its
-own (`--new-tokens` numbers tried, the one reading the validation split best before training kept by
+For each corpus, two domains of --num-blocks blocks are added to the backbone (SmolLM2-135M-Instruct unless
+--backbone says otherwise) and trained alike (the library's `train`, the same steps, rows and learning rate): one with
+tokens of its own (`--new-tokens` numbers tried, the one reading the validation split best before training kept by
 `domain_experts.token_init.add_domain_with_tokens`, none if none is within --token-tolerance (1%) of the domain without
 them), one without. Both start saved (`add_domain_with_tokens`, `add_domain`) and train from there. The arm with tokens
 trains once per `--token-learning-rates` value (the rate of its token rows, `--token-learning-rate` of `train`; the
@@ -162,9 +162,10 @@ def measure(corpus: str, args) -> dict:
 def markdown(results: dict) -> str:
     args = results["args"]
     backbone = "SmolLM2-135M" if args["backbone"] == "smollm2" else args["backbone"]
-    lines = [f"{backbone}, {args['num_blocks']}-block domains trained {args['steps']} steps of {args['batch_size']} x "
-             f"{args['block_size']} tokens at learning rate {args['learning_rate']:g}, with and without tokens of their "
-             f"own (numbers tried: {', '.join(map(str, args['new_tokens']))}, chosen on validation). `{results['command']}`",
+    lines = [f"{backbone}, {args['num_blocks']}-block domains trained {args['steps']} steps of "
+             f"{args['batch_size']} x {args['block_size']} tokens at learning rate {args['learning_rate']:g}, with and "
+             f"without tokens of their own (numbers tried: {', '.join(map(str, args['new_tokens']))}, chosen on "
+             f"validation). `{results['command']}`",
              "", "| corpus | tokens chosen | step-0 validation bpc: backbone / domain without / with tokens | tokens "
              "per char: backbone / domain | test bpc after training: without / with (paired difference) | free "
              "generation chars/s: without / with (speed-up) | chars/s on the test text: without / with (speed-up) | "
@@ -179,7 +180,8 @@ def markdown(results: dict) -> str:
         rates = ", ".join((f"**{k}: {b:.4f}**" if float(k) == r["token_learning_rate_chosen"] else f"{k}: {b:.4f}")
                           for k, b in v["with"].items())
         lines.append(
-            f"| {corpus} | {r['new_tokens_chosen']} | {step0['bare backbone']:.4f} / {step0.get('none', float('nan')):.4f}"
+            f"| {corpus} | {r['new_tokens_chosen']} | {step0['bare backbone']:.4f} / "
+            f"{step0.get('none', float('nan')):.4f}"
             f" / {tried} | {r['tokens_per_character']['backbone']:.4f} / {r['tokens_per_character']['domain']:.4f} | "
             f"{t['without']['value']:.4f} ± {t['without']['standard_error']:.4f} / {t['with']['value']:.4f} ± "
             f"{t['with']['standard_error']:.4f} ({d['value']:+.4f} ± {d['standard_error']:.4f}) | "

@@ -467,8 +467,9 @@ def test_tokens_of_its_own_are_chosen_on_validation_and_their_story_is_saved(tin
     assert set(saved["validation_bits_per_character"]) == {"none", "10", "30"}
     assert saved["new_tokens"] == len(model.config.domains["recipes"]["tokens"]) - 1
     if saved["new_tokens"]:
-        assert saved["trained"] == [{"steps": 4, "learning_rate": 1e-3, "token_learning_rate": 1e-3, "block_size": 64,
-                                     "batch_size": 2, "with": "the domain's blocks and adapters (domain_experts.train)"}]
+        assert saved["trained"] == [{"steps": 4, "learning_rate": 1e-3, "token_learning_rate": 1e-3,
+                                     "block_size": 64, "batch_size": 2,
+                                     "with": "the domain's blocks and adapters (domain_experts.train)"}]
 
 
 def test_token_rows_train_at_their_own_learning_rate(tiny_model_dir, tmp_path):

@@ -385,7 +385,8 @@ def add_domain_with_tokens(model, name: str, texts: list[str], validation_texts:
             best = (bpc, learned, tokenizer, scratch.domains[name].state_dict(), record)
         del scratch
     bpc, learned, tokenizer, state_dict, record = best
-    summary = {"validation_bits_per_character": tried, "validation_texts": len(validation_texts), "tolerance": tolerance}
+    summary = {"validation_bits_per_character": tried, "validation_texts": len(validation_texts),
+               "tolerance": tolerance}
     if bpc <= tried["none"] * (1 + tolerance):
         model.add_domain(name, tokenizer=tokenizer, state_dict=state_dict, **add_domain_kwargs)
         model.config.domains[name]["token_init"] = {"new_tokens": learned, **summary, **record}
