@@ -7,10 +7,10 @@ For each corpus, two domains of --num-blocks blocks are added to the backbone (S
 --backbone says otherwise) and trained alike (the library's `train`, the same steps, rows and learning rate): one with
 tokens of its own (`--new-tokens` numbers tried, the one reading the validation split best before training kept by
 `domain_experts.token_init.add_domain_with_tokens`, none if none is within --token-tolerance (1%) of the domain without
-them), one without. Both start saved (`add_domain_with_tokens`, `add_domain`) and train from there. The arm with tokens
-trains once per `--token-learning-rates` value (the rate of its token rows, `--token-learning-rate` of `train`; the
-other parameters keep `--learning-rate`), and the run reading the first `--validation-texts` validation texts best is
-the one measured. Reported per corpus:
+them, started and saved by `add_domain_with_tokens`), one without (added by `train`). The arm with tokens trains from
+its saved start once per `--token-learning-rates` value (the rate of its token rows, `--token-learning-rate` of
+`train`; the other parameters keep `--learning-rate`), and the run reading the first `--validation-texts` validation
+texts best is the one measured. Reported per corpus:
 
 - step 0: validation bits per character before training, of the bare backbone, of the domain without tokens of its
   own, and of the domain with each number of tokens tried (started by `token_init`'s default: distilled input rows,
@@ -65,39 +65,37 @@ def generate(model, corpus: str, prompts: list[str], new_tokens: int) -> tuple[f
     return seconds, model.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def trained_domain(corpus: str, start: Path, args, folder: Path, token_learning_rate: float | None = None):
-    """The domain `corpus` of the model saved in `start`, trained by the library's `train` (both arms alike)."""
+def trained_domain(corpus: str, args, folder: Path, start: Path | None = None,
+                   token_learning_rate: float | None = None):
+    """The domain `corpus` trained by the library's `train` (both arms alike): the one of the model saved in `start`,
+    or, without one, a domain of --num-blocks blocks that `train` adds to the backbone itself (`--add-domain`)."""
     return train(TrainingConfig(
-        output_dir=str(folder), model=str(start), domain=corpus, train_file=str(corpus_path(corpus, "train")),
+        output_dir=str(folder), model=str(start) if start else args.backbone, domain=corpus, add_domain=start is None,
+        num_blocks=args.num_blocks, train_file=str(corpus_path(corpus, "train")),
         validation_file=str(corpus_path(corpus, "validation")), block_size=args.block_size,
         batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.learning_rate,
         token_learning_rate=token_learning_rate, control_token_dropout=0.0, seed=args.seed, overwrite=True)).eval()
 
 
-def starting_models(corpus: str, args, work: Path) -> tuple[dict[str, Path], dict]:
-    """Both arms before training, saved: the domain with tokens of its own as `add_domain_with_tokens` chooses and
-    starts them (as `domain-experts train --new-tokens` does), and the same domain without them; and the record of
-    how the tokens were chosen and started."""
-    folders = {"with": work / "with-start", "without": work / "without-start"}
-    validation = load_texts(corpus, "validation")[:100]  # as `train` passes them
-    for arm, folder in folders.items():
-        model = DomainExpertsForCausalLM.from_backbone(args.backbone)
-        set_seed(args.seed)
-        if arm == "with":
-            record = add_domain_with_tokens(model, corpus, load_texts(corpus, "train"), validation, args.new_tokens,
-                                   TokenInitConfig(seed=args.seed), tolerance=args.token_tolerance,
-                                   num_blocks=args.num_blocks)
-        else:
-            model.add_domain(corpus, num_blocks=args.num_blocks)
-        model.save_pretrained(folder)
-    return folders, record
+def start_with_tokens(corpus: str, args, folder: Path) -> dict:
+    """The domain with tokens of its own before training, saved in `folder` (so that each token learning rate trains
+    from the same start): chosen and started by `add_domain_with_tokens` as `domain-experts train --new-tokens` does
+    (seeded alike, on the first 100 validation texts). Returns the record of how the tokens were chosen and started."""
+    model = DomainExpertsForCausalLM.from_backbone(args.backbone)
+    set_seed(args.seed)
+    record = add_domain_with_tokens(model, corpus, load_texts(corpus, "train"), load_texts(corpus, "validation")[:100],
+                                    args.new_tokens, TokenInitConfig(seed=args.seed), tolerance=args.token_tolerance,
+                                    num_blocks=args.num_blocks)
+    model.save_pretrained(folder)
+    return record
 
 
 def measure(corpus: str, args) -> dict:
     work = Path(args.work_dir) / corpus
     validation, test = load_texts(corpus, "validation"), load_texts(corpus, "test")[: args.test_texts or None]
-    starts, start_record = starting_models(corpus, args, work)
-    models = {"without": trained_domain(corpus, starts["without"], args, work / "without")}
+    start = work / "with-start"
+    start_record = start_with_tokens(corpus, args, start)
+    models = {"without": trained_domain(corpus, args, work / "without")}
     # The arm with tokens trains at each token learning rate given; the one reading the validation texts best is kept.
     # Without tokens of its own kept, its token rows are a control token's only, and one run is enough.
     rates = args.token_learning_rates if start_record["new_tokens"] else [args.learning_rate]
@@ -105,7 +103,7 @@ def measure(corpus: str, args) -> dict:
     chosen_on = same_characters(models["without"], validation[:args.validation_texts], length)
     tried_rates, best = {}, None
     for rate in rates:
-        model = trained_domain(corpus, starts["with"], args, work / f"with-token-lr-{rate:g}", rate)
+        model = trained_domain(corpus, args, work / f"with-token-lr-{rate:g}", start, rate)
         tried_rates[f"{rate:g}"] = bpc = language_modeling(model, chosen_on, corpus, max_length=length)[
             "bits_per_character"]
         if best is None or bpc < best[0]:

@@ -188,7 +188,7 @@ def domain_tokenizers(tmp_path: Path, backbone: str, *flags: str) -> dict:
 
 def test_domain_tokenizers_chooses_the_token_learning_rate_on_validation(first_run, tmp_path):
     """Tokens kept (a tolerance that keeps any): the arm with them trains at each token learning rate, the one reading
-    validation best is measured, and its record says which; both arms are measured on the same characters."""
+    validation best is measured, and its record says which."""
     result = domain_tokenizers(tmp_path, backbone_of(first_run), "--new-tokens", "30", "--token-tolerance", "100",
                                "--token-learning-rates", "1e-3", "1e-2")
     assert result["new_tokens_chosen"] == 30
