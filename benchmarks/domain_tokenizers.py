@@ -222,6 +222,11 @@ def main() -> None:
     parser.add_argument("--results-dir", default="benchmarks/results", help="where the json and md go")
     args = parser.parse_args()
     args.token_learning_rates = args.token_learning_rates or [args.learning_rate]
+    # Checked before hours of token starts and training, not when the first run with them begins.
+    if min(args.token_learning_rates) <= 0 or args.learning_rate <= 0:
+        parser.error("--learning-rate and --token-learning-rates must be positive.")
+    if not args.token_tolerance >= 0:
+        parser.error(f"--token-tolerance must be 0 or more, got {args.token_tolerance}.")
     results = {"command": "python " + " ".join(sys.argv), "args": vars(args),
                "corpora": {corpus: measure(corpus, args) for corpus in args.corpora}}
     out = Path(args.results_dir) / "domain_tokenizers"
