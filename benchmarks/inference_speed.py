@@ -30,6 +30,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from domain_experts import AdapterConfig, DomainExpertsForCausalLM
+from domain_experts.modeling_domain_experts import CACHE_NAME
 from domain_experts.data import load_texts
 from domain_experts.files import write_file_atomically
 from domain_experts.smollm2 import load_smollm2
@@ -206,8 +207,8 @@ def main() -> None:
                 for name in order:
                     timings[phase][name].append(timed(configurations[name][phase_index]))
             print(f"round {round_index + 1}/{args.rounds} done", flush=True)
-        mixed_cache = model(input_ids=prompt, domain_ids=domain_ids, use_cache=True).past_key_values
-        base_cache = model(input_ids=prompt, use_cache=True).past_key_values
+        mixed_cache = getattr(model(input_ids=prompt, domain_ids=domain_ids, use_cache=True), CACHE_NAME)
+        base_cache = getattr(model(input_ids=prompt, use_cache=True), CACHE_NAME)
 
     layers = model.config.num_backbone_layers
     ideal = 1 + (args.batch_size - half) / args.batch_size * args.blocks / layers

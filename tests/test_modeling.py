@@ -9,7 +9,13 @@ from conftest import TEXTS, as_base_batch, labels_for, make_batch, train_domain
 
 from domain_experts import DomainExpertsForCausalLM
 from domain_experts.configuration_domain_experts import AdapterConfig
-from domain_experts.modeling_domain_experts import ARCHITECTURES, Architecture, DomainExpertsCache, LogitsProcessing
+from domain_experts.modeling_domain_experts import (
+    ARCHITECTURES,
+    CACHE_NAME,
+    Architecture,
+    DomainExpertsCache,
+    LogitsProcessing,
+)
 
 
 MIXED = [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None), (TEXTS["stories"], "stories"), (TEXTS["stories"], None)]
@@ -187,11 +193,11 @@ def test_manual_decoding_loop_with_cache(setup):
     batch = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None)])
     with torch.no_grad():
         out = model(**batch, use_cache=True)
-        assert isinstance(out.past_key_values, DomainExpertsCache)
+        assert isinstance(getattr(out, CACHE_NAME), DomainExpertsCache)
         next_token = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(next_token)], dim=1)
         step_inputs = {"input_ids": next_token, "attention_mask": mask, "position_ids": batch["position_ids"][:, -1:] + 1,
-                       "past_key_values": out.past_key_values, "use_cache": True}
+                       "cache": getattr(out, CACHE_NAME), "use_cache": True}
         with pytest.raises(ValueError, match="Continuing from a cache: pass the domain_ids"):
             model(**step_inputs)
         step = model(**step_inputs, domain_ids=out.domain_ids)
@@ -199,20 +205,38 @@ def test_manual_decoding_loop_with_cache(setup):
                      position_ids=torch.cat([batch["position_ids"], batch["position_ids"][:, -1:] + 1], 1))
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="other routes than domain_ids gives"):
-        model(**{**step_inputs, "input_ids": torch.tensor([[5], [5]]), "past_key_values": step.past_key_values},
+        model(**{**step_inputs, "input_ids": torch.tensor([[5], [5]]), "cache": getattr(step, CACHE_NAME)},
               domain_ids=torch.tensor([-1, -1]))
 
+
+
+def test_cache_is_also_taken_under_its_name_before_transformers_5_24(setup):
+    model, _ = setup
+    two_trained_domains(model)
+    batch = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None)])
+    next_token = torch.tensor([[5], [5]])
+    step_inputs = {"input_ids": next_token, "attention_mask": torch.cat([batch["attention_mask"], next_token > 0], 1),
+                   "position_ids": batch["position_ids"][:, -1:] + 1, "use_cache": True}
+    with torch.no_grad():
+        steps = []
+        for name in ("cache", "past_key_values"):
+            out = model(**batch, use_cache=True)
+            steps.append(model(**step_inputs, **{name: getattr(out, CACHE_NAME)}, domain_ids=out.domain_ids))
+        assert torch.equal(steps[0].logits, steps[1].logits)
+        with pytest.raises(ValueError, match="Pass the cache once"):
+            model(**step_inputs, cache=getattr(out, CACHE_NAME), past_key_values=getattr(out, CACHE_NAME),
+                  domain_ids=out.domain_ids)
 
 def test_expansion_cache_holds_only_its_domains_rows(setup):
     model, _ = setup
     two_trained_domains(model)
     rows = [(TEXTS["base"], None), (TEXTS["recipes"], "recipes"), (TEXTS["stories"], None), (TEXTS["recipes"], "recipes")]
     with torch.no_grad():
-        cache = model(**make_batch(model, rows), use_cache=True).past_key_values
+        cache = getattr(model(**make_batch(model, rows), use_cache=True), CACHE_NAME)
     num_layers = model.config.num_backbone_layers
     model.add_domain("legal", expansion_layers=[1, 2])  # not in the batch: its cache layers stay empty
     with torch.no_grad():
-        cache = model(**make_batch(model, rows), use_cache=True).past_key_values
+        cache = getattr(model(**make_batch(model, rows), use_cache=True), CACHE_NAME)
     assert len(cache.layers) == num_layers + 4  # 2 recipes blocks, 2 legal blocks (stories has adapters only)
     assert all(layer.keys.shape[0] == 4 for layer in cache.layers[:num_layers])
     recipes_layers, legal_layers = cache.layers[num_layers : num_layers + 2], cache.layers[num_layers + 2 :]
@@ -226,7 +250,7 @@ def test_cache_of_another_class_is_refused(setup):
     model, _ = setup
     model.add_domain("recipes", num_blocks=1)
     with pytest.raises(TypeError, match="needs the cache it creates itself"):
-        model(**make_batch(model, [(TEXTS["recipes"], "recipes")]), past_key_values=DynamicCache(), use_cache=True)
+        model(**make_batch(model, [(TEXTS["recipes"], "recipes")]), cache=DynamicCache(), use_cache=True)
 
 
 # f. training one domain changes only that domain -----------------------------------------------------------------
@@ -350,7 +374,7 @@ def test_forward_leaves_every_module_unchanged(setup):
     before = _state(model)
     with torch.no_grad():
         out = model(**batch, use_cache=True)
-        model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, domain_ids=out.domain_ids,
+        model(input_ids=out.logits[:, -1:].argmax(-1), cache=getattr(out, CACHE_NAME), domain_ids=out.domain_ids,
               attention_mask=torch.cat([batch["attention_mask"], torch.ones(4, 1, dtype=torch.long)], 1))
     model.generate(**batch, max_new_tokens=3, do_sample=False)
     after = _state(model)

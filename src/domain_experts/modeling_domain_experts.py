@@ -25,7 +25,7 @@ import copy
 import os
 import socket
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -45,6 +45,11 @@ from .tokenization_domain_experts import DomainExpertsTokenizer, backbone_pieces
 
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the KV cache's argument and output field from `past_key_values` to `cache` (the old name is
+# accepted, deprecated, until 5.40). This file runs on either side of the rename: it passes the cache to the backbone's
+# layers and masks, and returns it, under the name the installed version uses; `forward` takes both.
+CACHE_NAME = "cache" if "cache" in {item.name for item in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 BASE_ROUTE = -1
 """Domain index of a row that runs on the bare backbone."""
@@ -90,7 +95,8 @@ class Architecture:
         inputs: how the decoder prepares its layers' inputs: `"rotary"` (one rotary embedding for all layers),
             `"rotary_per_layer_type"` (one per attention type, as in Gemma 3), `"learned_positions"` (added position
             embeddings, as in GPT-2).
-        cache_argument: the name under which a decoder layer takes the KV cache.
+        cache_argument: the name under which a decoder layer takes the KV cache (`CACHE_NAME`, the installed
+            transformers' name, unless the family keeps one of its own).
         embedding_scale: attribute of the input embedding module that scales looked-up rows (Gemma), if any: domain
             token rows are scaled the same way.
         embedding_multiplier: attribute of the decoder that multiplies the input embeddings (Granite), if any.
@@ -104,7 +110,7 @@ class Architecture:
     adapter_targets: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     inputs: str = "rotary"
-    cache_argument: str = "past_key_values"
+    cache_argument: str = CACHE_NAME
     embedding_scale: str | None = None
     embedding_multiplier: str | None = None
     logits_processing: LogitsProcessing | None = None
@@ -204,7 +210,7 @@ def decoder_inputs(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.LongTensor | None,
-    past_key_values,
+    cache,
     use_cache: bool,
 ) -> DecoderInputs:
     """Prepare the inputs of the backbone's decoder layers, as its decoder's `forward` does before its layer loop.
@@ -214,24 +220,24 @@ def decoder_inputs(
         attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*): 1 for real tokens.
         position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): defaults to positions
             following the cache.
-        past_key_values (`Cache`, *optional*): the cache the layers read and extend.
+        cache (`Cache`, *optional*): the cache the layers read and extend.
     """
     decoder = architecture.decoder_of(backbone)
     config = decoder.config
     if position_ids is None:
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
     if attention_mask is not None and attention_mask.dim() < 4:
         attention_mask = attention_mask.view(inputs_embeds.shape[0], -1)
     layer_types, _ = get_layer_types_and_kwargs(config)
     mask_kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
-                   "past_key_values": past_key_values, "position_ids": position_ids}
+                   CACHE_NAME: cache, "position_ids": position_ids}
     masks = {kind: _MASK_FUNCTIONS[kind](**mask_kwargs) for kind in dict.fromkeys(layer_types)}
 
     hidden_states = inputs_embeds
     if architecture.embedding_multiplier is not None:
         hidden_states = hidden_states * getattr(decoder, architecture.embedding_multiplier)
-    common = {architecture.cache_argument: past_key_values, "use_cache": use_cache, "position_ids": position_ids}
+    common = {architecture.cache_argument: cache, "use_cache": use_cache, "position_ids": position_ids}
     if architecture.inputs == "learned_positions":
         hidden_states = hidden_states + decoder.wpe(position_ids).to(hidden_states.device)
         per_kind = {kind: {**common, "attention_mask": masks[kind]} for kind in masks}
@@ -348,7 +354,8 @@ class DomainExpertsCache(DynamicCache):
     order of `model.cache_layout`), of the same kind (full or sliding-window attention) as the backbone layer the block
     follows. A block's layer holds only the rows routed to its domain, so its memory grows with those rows alone.
 
-    `forward` creates one when it is called with `use_cache=True` and no cache, and returns it in `past_key_values`.
+    `forward` creates one when it is called with `use_cache=True` and no cache, and returns it in `cache`
+    (`past_key_values` before transformers 5.24).
 
     Args:
         config (`DomainExpertsConfig`): the model's configuration.
@@ -374,7 +381,7 @@ class DomainExpertsCache(DynamicCache):
             rows = routing.rows.get(domain_index)
             if not (torch.equal(layer.rows, rows) if rows is not None else layer.rows.numel() == 0):
                 raise ValueError(
-                    "past_key_values holds the rows of other routes than domain_ids gives: continue a cache with the "
+                    "The cache holds the rows of other routes than domain_ids gives: continue a cache with the "
                     "domain_ids of the call that filled it (its output's `domain_ids`)."
                 )
 
@@ -1171,17 +1178,17 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds.index_copy(0, rows, row_embeds)
         return inputs_embeds
 
-    def _cache_for(self, past_key_values, routing: Routing):
+    def _cache_for(self, cache, routing: Routing):
         """The cache to run with: a new `DomainExpertsCache` for these routes, or the one given, checked."""
-        if past_key_values is None:
+        if cache is None:
             return DomainExpertsCache(self.config, self.cache_layout, routing)
-        if not isinstance(past_key_values, DomainExpertsCache):
+        if not isinstance(cache, DomainExpertsCache):
             raise TypeError(
-                f"past_key_values is a {type(past_key_values).__name__}; a DomainExperts model needs the cache it "
-                "creates itself (pass None on the first call, then the `past_key_values` each call returns)."
+                f"The cache is a {type(cache).__name__}; a DomainExperts model needs the cache it creates itself (pass "
+                f"none on the first call, then the `{CACHE_NAME}` each call returns)."
             )
-        past_key_values.check_routing(routing, self.cache_layout, self.config.num_backbone_layers)
-        return past_key_values
+        cache.check_routing(routing, self.cache_layout, self.config.num_backbone_layers)
+        return cache
 
     def routed_layer(self, layer_index: int, layer: nn.Module, routing: Routing) -> nn.Module:
         """Backbone layer `layer_index` as this batch runs it: the layer itself, or, where a routed domain adapts some
@@ -1289,7 +1296,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DomainExpertsCache | None = None,
+        cache: DomainExpertsCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -1306,8 +1313,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 1 for tokens to attend to, 0 for padding (left or right).
             position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 With left padding pass `attention_mask.cumsum(-1) - 1` (as `generate` does).
-            past_key_values (`DomainExpertsCache`, *optional*): the cache an earlier call returned; one is created when
-                `use_cache` and none is given.
+            cache (`DomainExpertsCache`, *optional*): the cache an earlier call returned; one is created when
+                `use_cache` and none is given. Also taken as `past_key_values`, its name before transformers 5.24.
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Instead of `input_ids`; rows then run on the bare backbone unless `domain_ids` says otherwise.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -1329,20 +1336,25 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         if kwargs.pop("output_attentions", False):
             raise ValueError("output_attentions is not supported by DomainExpertsForCausalLM.")
         kwargs.pop("return_dict", None)  # always a ModelOutput
+        if "past_key_values" in kwargs:  # what `generate` passes before transformers 5.24
+            if cache is not None:
+                raise ValueError("Pass the cache once, as `cache` (`past_key_values` is its name before transformers "
+                                 "5.24).")
+            cache = kwargs.pop("past_key_values")
         decoder_config = self.config.backbone_config.get_text_config(decoder=True)
         use_cache = use_cache if use_cache is not None else decoder_config.use_cache
         batch_size, device = (input_ids if input_ids is not None else inputs_embeds).shape[0], self.device
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         domain_ids = self._resolve_routes(domain_ids, input_ids, attention_mask, past_length, batch_size, device)
         routing = Routing(domain_ids)
         if input_ids is not None:
             self._check_input_ids(input_ids, domain_ids)
             inputs_embeds = self._embed(input_ids, routing)
-        if use_cache or past_key_values is not None:
-            past_key_values = self._cache_for(past_key_values, routing)
+        if use_cache or cache is not None:
+            cache = self._cache_for(cache, routing)
 
-        inputs = decoder_inputs(self.architecture, self.backbone, inputs_embeds, attention_mask, position_ids,
-                                past_key_values, use_cache)
+        inputs = decoder_inputs(self.architecture, self.backbone, inputs_embeds, attention_mask, position_ids, cache,
+                                use_cache)
         hidden_states = inputs.hidden_states
         all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer_index, layer in enumerate(self.decoder_layers):
@@ -1369,7 +1381,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         return DomainExpertsCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_NAME: cache if use_cache else None},
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
             domain_ids=domain_ids,
         )

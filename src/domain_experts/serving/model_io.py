@@ -8,6 +8,7 @@ import threading
 
 import torch
 
+from ..modeling_domain_experts import CACHE_NAME
 
 BASE = "base"
 """Route name of the bare backbone."""
@@ -148,12 +149,12 @@ class ModelIO:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             domain_ids=domain_ids.to(self.device),
             logits_to_keep=1,
         )
-        return outputs.logits[:, -1, :].float(), outputs.past_key_values
+        return outputs.logits[:, -1, :].float(), getattr(outputs, CACHE_NAME)
 
     @staticmethod
     def keep_rows(cache, rows: torch.LongTensor) -> None:
