@@ -30,9 +30,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from domain_experts import AdapterConfig, DomainExpertsForCausalLM
-from domain_experts.modeling_domain_experts import CACHE_NAME
 from domain_experts.data import load_texts
 from domain_experts.files import write_file_atomically
+from domain_experts.modeling_domain_experts import CACHE_NAME
 from domain_experts.smollm2 import load_smollm2
 
 
