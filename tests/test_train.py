@@ -496,6 +496,31 @@ def test_token_rows_train_at_their_own_learning_rate(tiny_model_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+
+def test_token_rows_are_clipped_apart_from_the_blocks_and_adapters(tiny_model_dir, tmp_path, monkeypatch):
+    """A domain's token rows (its control token's above all: the first position, where attention gathers) have
+    gradients of a scale of their own; clipped with the blocks and adapters, they would set those's clipping. A run
+    whose control row gets gradients a million times larger (a hook) ends with the same blocks and adapters."""
+    import domain_experts.train as train_module
+
+    model_to_train = train_module.model_to_train
+
+    def with_larger_control_row_gradients(*args, **kwargs):
+        model, tokenizers = model_to_train(*args, **kwargs)
+        model.domains["recipes"].token_embeddings.register_hook(lambda grad: grad * 1e6)
+        return model, tokenizers
+
+    settings = dict(num_blocks=1, adapter_rank=2, max_grad_norm=1e-4)
+    runs = {}
+    for name in ("plain", "larger"):
+        if name == "larger":
+            monkeypatch.setattr(train_module, "model_to_train", with_larger_control_row_gradients)
+        runs[name] = train(small_config(tiny_model_dir, tmp_path / name, **settings)).domains["recipes"].state_dict()
+    trained = [key for key in runs["plain"] if key.startswith(("blocks.", "adapters."))]
+    assert any("lora_B" in key and runs["plain"][key].any() for key in trained), "the adapters trained"
+    for key in trained:
+        torch.testing.assert_close(runs["larger"][key], runs["plain"][key], atol=1e-6, rtol=1e-4, msg=key)
+
 def test_token_tolerance_decides_whether_tokens_that_start_worse_are_kept(tiny_model_dir, tmp_path):
     """A tiny random backbone reads no better with extra tokens: with a tolerance that large the best number is kept
     anyway, and the record says which tolerance decided; a negative one is refused before anything is written."""

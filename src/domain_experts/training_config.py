@@ -136,7 +136,8 @@ class TrainingConfig:
         "Optimizer steps of linear warmup at the start.", "optimisation"))
     max_steps: int = field(default=100, metadata=_flag("Optimizer steps to train for.", "optimisation"))
     max_grad_norm: float = field(default=1.0, metadata=_flag(
-        "Clip the gradient norm to this (0: no clipping).", "optimisation"))
+        "Clip the gradient norm to this (0: no clipping), per domain, its token rows apart from its blocks and "
+        "adapters.", "optimisation"))
     control_token_dropout: float = field(default=0.5, metadata=_flag(
         "Share of steps whose sequences carry no control token (routed to the domain explicitly), so that the "
         "domain also serves the rows the learned gate routes to it.", "optimisation"))
