@@ -210,6 +210,7 @@ def test_manual_decoding_loop_with_cache(setup):
 
 
 
+@pytest.mark.parametrize("family", ["llama"])  # the name is read by forward, before any layer
 def test_cache_is_also_taken_under_its_name_before_transformers_5_24(setup):
     model, _ = setup
     two_trained_domains(model)
