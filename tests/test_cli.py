@@ -21,6 +21,7 @@ def test_info_lists_domains(setup, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["domains"]["recipes"]["blocks"] == 2
     assert summary["domains"]["recipes"]["control_token"] == "<|domain:recipes|>"
+    assert summary["domains"]["recipes"]["control_embedding"] == "learned"  # the default with blocks
     assert summary["backbone"]["layers"] == model.config.num_backbone_layers
 
 

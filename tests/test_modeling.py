@@ -77,6 +77,7 @@ def test_base_rows_bit_identical_to_backbone(setup):
 
 def test_other_domain_lifecycle_leaves_domain_rows_bit_identical(setup):
     model, _ = setup
+    # A control token with a row of its own (B's reads as BOS): both kinds are checked.
     model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8)
     train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
     recipes_ids = model.config.domains["recipes"]["token_ids"]
@@ -88,7 +89,8 @@ def test_other_domain_lifecycle_leaves_domain_rows_bit_identical(setup):
         return logits[[0, 2], :, : model.config.backbone_vocab_size], logits[[0, 2]][:, :, recipes_ids]
 
     expected = recipes_outputs(before_b)
-    model.add_domain("stories", num_blocks=3, corpus=[TEXTS["base"]] * 4, num_new_tokens=5, adapters=AdapterConfig(r=3))
+    model.add_domain("stories", num_blocks=3, corpus=[TEXTS["base"]] * 4, num_new_tokens=5, adapters=AdapterConfig(r=3),
+                     control_embedding="bos")
     with_b = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], "stories"), (TEXTS["stories"], None)])
     assert with_b["input_ids"].shape == before_b["input_ids"].shape
     for batch in (before_b, with_b):
@@ -451,6 +453,56 @@ def test_bos_then_control_token_routes(tokenizer):
         assert real[1] == model.control_token_id("recipes")
     explicit = torch.tensor([[tokenizer.bos_token_id, model.control_token_id("recipes"), 5]])
     assert model.route(explicit).tolist() == [0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # BOS of its own, and GPT-2's BOS that is also its EOS
+def test_a_control_token_read_as_bos_makes_the_domain_read_as_the_backbone_after_bos(setup):
+    """A fresh domain reads `<|domain:NAME|> text` exactly as the backbone reads `BOS text`; its control row is never
+    read, so no training moves what it computes there."""
+    model, reference = setup
+    model.add_domain("recipes", num_blocks=1, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=4,
+                     adapters=AdapterConfig(r=2), control_embedding="bos")
+    V, bos = model.config.backbone_vocab_size, model.config.bos_token_id
+    batch = make_batch(model, [(TEXTS["stories"], "recipes"), (TEXTS["base"], None)])
+    input_ids = batch["input_ids"]
+    assert (input_ids == model.control_token_id("recipes")).sum() == 1
+    as_bos = {**as_base_batch(model, batch), "input_ids": input_ids.masked_fill(input_ids >= V, bos)}
+    assert torch.equal(model_logits(model, batch)[..., :V], backbone_logits(model, reference, as_bos))
+
+    trained_batch = make_batch(model, [(TEXTS["recipes"], "recipes")])
+    train_domain(model, "recipes", trained_batch)
+    before = model_logits(model, trained_batch)
+    with torch.no_grad():
+        model.domains["recipes"].token_embeddings[0].normal_()
+    assert torch.equal(model_logits(model, trained_batch), before)
+
+
+def test_a_learned_control_row_starts_at_the_mean_embedding_and_trains(setup):
+    model, _ = setup
+    model.add_domain("adapters", num_blocks=0, adapters=AdapterConfig(r=2))
+    assert model.config.domains["adapters"]["control_embedding"] == "bos"  # the default for adapters only, with a BOS
+    model.add_domain("recipes", num_blocks=1)
+    assert model.config.domains["recipes"]["control_embedding"] == "learned"  # the default with blocks
+    row = model.domains["recipes"].token_embeddings
+    embeddings = model.backbone.get_input_embeddings().weight
+    assert torch.equal(row[0], embeddings.float().mean(dim=0).to(embeddings.dtype))
+    start = row.detach().clone()
+    train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
+    assert not torch.equal(row[0], start[0])
+
+
+def test_a_control_token_read_as_bos_needs_a_bos(tokenizer):
+    backbone = tiny_backbone("llama")
+    backbone.config.bos_token_id = None
+    tokenizer.bos_token = None
+    model = DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="has none .*use control_embedding='learned'"):
+        model.add_domain("recipes", num_blocks=1, control_embedding="bos")
+    with pytest.raises(ValueError, match="control_embedding must be one of 'bos', 'learned', got 'mean'"):
+        model.add_domain("recipes", num_blocks=1, control_embedding="mean")
+    assert not model.domains
+    model.add_domain("recipes", num_blocks=0, adapters=AdapterConfig(r=2))  # without a BOS: a row of its own
+    assert model.config.domains["recipes"]["control_embedding"] == "learned"
 
 
 def test_padded_vocabulary_gives_control_tokens_ids_past_the_embeddings():

@@ -351,11 +351,12 @@ def test_manifest_validation_names_the_field(plain, tmp_path):
         ("tokens", ["a", "a"], "'tokens' must be a list of distinct"),
         ("gate", {"trained": "yes", "layer": 0}, "'gate' must be"),
         ("name", "two words", "'name' must be a domain name"),
+        ("control_embedding", "mean", "'control_embedding' must be 'bos' or 'learned'"),
     ]:
         with pytest.raises(PackError, match=match):
             PackManifest.from_dict({**manifest, field: value})
-    with pytest.raises(PackError, match="format version 3; .* reads up to version 2. Upgrade"):
-        PackManifest.from_dict({**manifest, "format_version": 3})
+    with pytest.raises(PackError, match="format version 4; .* reads up to version 3. Upgrade"):
+        PackManifest.from_dict({**manifest, "format_version": 4})
     (folder / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(PackError, match="not valid JSON"):
         new_model().load_domain(folder)
@@ -847,13 +848,20 @@ def test_a_pack_of_adapters_only_moves_between_models(tmp_path):
     rows = [(TEXTS["base"], "legal"), (TEXTS["stories"], None)]
     folder = source.save_domain("legal", tmp_path / "pack")
     manifest = PackManifest.from_folder(folder)
-    assert manifest.format_version == 2 and manifest.expansion_layers == []
+    assert manifest.format_version == 3 and manifest.expansion_layers == []
     assert manifest.adapters["target_modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
     assert "adapters.0.self_attn.q_proj.lora_A" in manifest.tensors
     assert "rank-4 low-rank adapters" in (folder / "README.md").read_text()
+    assert manifest.control_embedding == "bos"  # the default for a domain of adapters only
     target = new_model("qwen2")
     target.load_domain(folder)
+    assert target.config.domains["legal"]["control_embedding"] == "bos"
     assert_same_outputs(row_outputs(target, rows), row_outputs(source, rows))
+    # A version 2 pack says nothing of it: its control token has a row of its own.
+    rewrite_pack(folder, edit_manifest=lambda m: m.update(format_version=2) or m.pop("control_embedding"))
+    older = new_model("qwen2")
+    older.load_domain(folder)
+    assert older.config.domains["legal"]["control_embedding"] == "learned"
     # A manifest naming a layer the backbone does not have is refused before any weight is read.
     rewrite_pack(folder, edit_manifest=lambda m: m["adapters"].update(target_modules=["self_attn.nope"]), rehash=False)
     with pytest.raises(PackError, match="Adapters cannot target 'self_attn.nope'"):

@@ -26,8 +26,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "release_0_1_0"
 def trained_model(setup):
     model, _ = setup
     model.add_domain("recipes", num_blocks=2, corpus=[TEXTS["recipes"]] * 4, num_new_tokens=8,
-                     adapters=AdapterConfig(r=2, layers=[0, 2]))
-    # Left untrained: its blocks and adapters must load back as exact identities.
+                     adapters=AdapterConfig(r=2, layers=[0, 2]), control_embedding="bos")
+    # Left untrained (its control token has a row of its own, the default with blocks): its blocks and adapters must load back as exact identities.
     model.add_domain("stories", expansion_layers=[1], adapters=AdapterConfig(r=2))
     train_domain(model, "recipes", make_batch(model, [(TEXTS["recipes"], "recipes")]))
     return model

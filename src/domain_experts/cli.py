@@ -54,6 +54,7 @@ def info(args: argparse.Namespace) -> None:
                 "blocks": len(settings["expansion_layers"]),
                 "after_layers": settings["expansion_layers"],
                 "control_token": settings["tokens"][0],
+                "control_embedding": settings.get("control_embedding", "learned"),
                 "token_ids": settings["token_ids"],
                 **({"pack": settings["pack"]} if settings.get("pack") else {}),
             }
@@ -85,6 +86,7 @@ def pack_info(manifest, as_json: bool) -> None:
         "blocks": len(manifest.expansion_layers),
         "after_layers": manifest.expansion_layers,
         "control_token": manifest.control_token,
+        "control_embedding": manifest.control_embedding,
         "tokens": len(manifest.tokens),
         "gate": {"trained": manifest.gate_trained, "layer": manifest.gate_layer},
         "parameters": manifest.num_parameters,
@@ -97,7 +99,8 @@ def pack_info(manifest, as_json: bool) -> None:
         return
     print(f"domain pack {manifest.name} (format {manifest.format_version}), for backbone {manifest.backbone.describe()}")
     print(f"{len(manifest.expansion_layers)} blocks after layers {manifest.expansion_layers}, control token "
-          f"{manifest.control_token}, {len(manifest.tokens)} tokens of its own, gate "
+          f"{manifest.control_token} ({'read as BOS' if manifest.control_embedding == 'bos' else 'a row of its own'}), "
+          f"{len(manifest.tokens)} tokens of its own, gate "
           f"{'trained' if manifest.gate_trained else 'not trained'}, {manifest.num_parameters:,} parameters")
     if manifest.evaluation:
         print("evaluation: " + ", ".join(f"{k} {v}" for k, v in manifest.evaluation["metrics"].items()))

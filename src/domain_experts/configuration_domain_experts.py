@@ -30,6 +30,11 @@ def check_domain_name(name) -> None:
         )
 
 
+CONTROL_EMBEDDINGS = ("bos", "learned")
+"""What a domain's control token reads as: the backbone's BOS token, or a row of the domain's own (see
+`DomainExpertsForCausalLM.add_domain`)."""
+
+
 def control_token_for(domain_name: str) -> str:
     """The control token that routes a sequence to `domain_name`, e.g. `<|domain:recipes|>`."""
     return f"<|domain:{domain_name}|>"
@@ -101,6 +106,8 @@ class DomainExpertsConfig(PretrainedConfig):
               rows of their own, a bias on them, and a bias on the backbone logits of its rows (all three since
               release 0.2; absent: as the backbone's head, and no logit bias).
             - `"token_init"` (`dict`, *optional*): how the domain's own tokens were started and trained.
+            - `"control_embedding"` (`str`, *optional*): what the control token reads as: `"bos"`, the backbone's BOS
+              token, or `"learned"` (also when absent, as for domains added before release 0.3), a row of its own.
         vocab_size (`int`, *optional*):
             Size of the id space: the backbone vocabulary plus every id ever given to a domain token. It only grows,
             so the ids of a removed domain are never reused for another one.
@@ -147,4 +154,4 @@ class DomainExpertsConfig(PretrainedConfig):
         return self.backbone_config.get_text_config(decoder=True).num_hidden_layers
 
 
-__all__ = ["AdapterConfig", "DomainExpertsConfig", "check_domain_name", "control_token_for"]
+__all__ = ["CONTROL_EMBEDDINGS", "AdapterConfig", "DomainExpertsConfig", "check_domain_name", "control_token_for"]

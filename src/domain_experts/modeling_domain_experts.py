@@ -40,7 +40,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .configuration_domain_experts import AdapterConfig, DomainExpertsConfig, check_domain_name, control_token_for
+from .configuration_domain_experts import (CONTROL_EMBEDDINGS, AdapterConfig, DomainExpertsConfig, check_domain_name,
+                                           control_token_for)
 from .tokenization_domain_experts import DomainExpertsTokenizer, backbone_pieces, extend_tokenizer, new_tokens_of
 
 
@@ -780,6 +781,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         gate_trained: bool = False,
         provenance: dict | None = None,
         token_init: dict | None = None,
+        control_embedding: str | None = None,
     ) -> None:
         """Add a domain: expansion blocks and routed low-rank adapters that start as exact identities, a control token
         `<|domain:NAME|>`, and optionally tokens of its own. Everything is checked before the model changes, and a fresh
@@ -803,6 +805,15 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 for the model card.
             token_init: how the tensors in `state_dict` of the domain's own tokens were started and trained (a pack's
                 record, see `domain_experts.token_init`), kept in the config as `"token_init"`.
+            control_embedding: what the control token reads as. `"bos"`: the backbone's BOS token (its frozen input
+                row), so that a fresh domain reads `<|domain:NAME|> text` exactly as the backbone reads `BOS text`, and
+                the first position, where a pretrained model's attention gathers, stays as the backbone learned it.
+                `"learned"`: a row of the domain's own, started at the mean input embedding and trained with the
+                domain. Default: `"bos"` for a domain of adapters only on a backbone with a BOS token (a domain row
+                then computes what a LoRA computes), else `"learned"`. Measured on SmolLM2-135M (setting M of
+                `benchmarks/compare_methods.py`, 200 steps): rank-46 adapters read recipes at 0.8045 bits per
+                character with "bos", 0.8079 with "learned" (peft's LoRA: 0.8058); 4 blocks at 0.8369 with "bos",
+                0.8296 with "learned".
 
         The domain's tokens get ids past every id given out so far, in one contiguous range (control token first); their
         embeddings start at the mean of the backbone embeddings of the pieces each token joins, and belong to the domain.
@@ -823,6 +834,15 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             adapters = resolve_adapters(self.architecture, adapters, num_layers)
         if not expansion_layers and adapters is None:
             raise ValueError(f"Domain {name!r} needs expansion blocks (num_blocks >= 1) or adapters (adapters=...).")
+        bos_token_id = self.config.bos_token_id
+        if control_embedding is None:
+            control_embedding = "bos" if bos_token_id is not None and not expansion_layers else "learned"
+        if control_embedding not in CONTROL_EMBEDDINGS:
+            raise ValueError(f"control_embedding must be one of {', '.join(map(repr, CONTROL_EMBEDDINGS))}, got "
+                             f"{control_embedding!r}.")
+        if control_embedding == "bos" and bos_token_id is None:
+            raise ValueError("control_embedding='bos' reads the control token as the backbone's BOS token, and this "
+                             "backbone has none (config.bos_token_id is None): use control_embedding='learned'.")
         if (tokenizer is not None or corpus is not None) and self.tokenizer is None:
             raise ValueError("Domain tokens need the backbone's tokenizer: pass it to from_backbone.")
         if tokenizer is not None and corpus is not None:
@@ -844,7 +864,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                   (("untied_output", "output_embeddings"), ("output_bias", "output_bias"), ("logit_bias", "logit_bias"))}
         domain = self._new_domain_module(expansion_layers, len(token_ids), adapters, **layout)
         if state_dict is None:
-            self._init_token_embeddings(domain, new_tokens)
+            self._init_token_embeddings(domain, new_tokens, control_embedding)
         else:
             try:
                 domain.load_state_dict(state_dict, strict=True)
@@ -863,6 +883,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             "token_ids": token_ids,
             "tokens": [control_token_for(name), *new_tokens],
             "gate": bool(gate_trained),
+            "control_embedding": control_embedding,
             **layout,
             **({"adapters": adapters} if adapters is not None else {}),
             **({"pack": dict(provenance)} if provenance else {}),
@@ -978,15 +999,17 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         return domain.to(device=input_embeddings.weight.device)
 
     @torch.no_grad()
-    def _init_token_embeddings(self, domain: DomainExpansion, new_tokens: list[str]) -> None:
-        """Control token: the mean input embedding. Each new token: the mean of the backbone rows of its pieces (input
-        and output rows; output bias: the mean of the pieces' LM-head biases, or 0)."""
+    def _init_token_embeddings(self, domain: DomainExpansion, new_tokens: list[str], control_embedding: str) -> None:
+        """Control token: a copy of the BOS row (`control_embedding="bos"`; `forward` reads the backbone's own, the
+        copy lets a reader that predates the setting compute the same), or the mean input embedding ("learned"). Each
+        new token: the mean of the backbone rows of its pieces (input and output rows; output bias: the mean of the
+        pieces' LM-head biases, or 0)."""
         input_weight = self.backbone.get_input_embeddings().weight
         output_module = self.backbone.get_output_embeddings()
-        # Not the BOS row, though a fresh domain would then read exactly as the backbone does after BOS: on SmolLM2-135M
-        # (setting M of benchmarks/compare_methods.py) that start left a 4-block domain 1.5% worse after 200 steps
-        # (0.8425 against 0.8296 test bits per character) and routed adapters no better (0.8081 against 0.8078).
-        domain.token_embeddings[0] = input_weight.float().mean(dim=0).to(input_weight.dtype)
+        if control_embedding == "bos":
+            domain.token_embeddings[0] = input_weight[self.config.bos_token_id]
+        else:
+            domain.token_embeddings[0] = input_weight.float().mean(dim=0).to(input_weight.dtype)
         backbone_tokenizer = self.tokenizer.base if new_tokens else None
         for row, token in enumerate(new_tokens):
             pieces = torch.tensor(backbone_pieces(backbone_tokenizer, token), device=input_weight.device)
@@ -1018,12 +1041,19 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         # to. On the CPU (explicitly: `from_pretrained` builds the model under a meta-device context); used per call.
         owner = torch.full((self.config.vocab_size - backbone_vocab_size,), BASE_ROUTE, dtype=torch.long, device="cpu")
         control = torch.full_like(owner, BASE_ROUTE)
+        # And the backbone token whose input row it reads instead of its own: BOS, for the control token of a domain
+        # whose control_embedding is "bos"; -1 for the others.
+        read_as = torch.full_like(owner, BASE_ROUTE)
         for index, name in enumerate(self.domains):
-            ids = torch.tensor(self.config.domains[name]["token_ids"], device="cpu") - backbone_vocab_size
+            settings = self.config.domains[name]
+            ids = torch.tensor(settings["token_ids"], device="cpu") - backbone_vocab_size
             owner[ids] = index
             control[ids[0]] = index
+            if settings.get("control_embedding", "learned") == "bos":
+                read_as[ids[0]] = self.config.bos_token_id
         self._domain_token_owner = owner
         self._control_token_domain = control
+        self._backbone_token_read_as = read_as
         for cache_index, (_, _, block) in enumerate(self._blocks_in_cache_order(), start=self.config.num_backbone_layers):
             set_cache_index(block, cache_index)
 
@@ -1159,15 +1189,16 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         """Input embeddings `(batch, seq, hidden)`: the backbone's, and the owning domain's for domain tokens."""
         embedding = self.backbone.get_input_embeddings()
         backbone_vocab_size = self.config.backbone_vocab_size
-        inputs_embeds = embedding(input_ids.clamp(max=backbone_vocab_size - 1))
         if routing is None or not (input_ids >= backbone_vocab_size).any():
-            return inputs_embeds
+            return embedding(input_ids.clamp(max=backbone_vocab_size - 1))
+        read_as = self._domain_token_table(self._backbone_token_read_as, input_ids)
+        inputs_embeds = embedding(torch.where(read_as >= 0, read_as, input_ids.clamp(max=backbone_vocab_size - 1)))
         scale = getattr(embedding, self.architecture.embedding_scale) if self.architecture.embedding_scale else None
         for domain_index, rows in routing.rows.items():
             name = self.domain_names[domain_index]
             first_id = self.config.domains[name]["token_ids"][0]
             row_ids = input_ids.index_select(0, rows)
-            own = row_ids >= first_id
+            own = (row_ids >= first_id) & (read_as.index_select(0, rows) < 0)
             if not own.any():
                 continue
             table = self.domains[name].token_embeddings.to(inputs_embeds.dtype)

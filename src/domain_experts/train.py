@@ -127,6 +127,9 @@ def _validate(config: TrainingConfig) -> None:
         raise ValueError("--adapter-alpha and --adapter-targets need --adapter-rank.")
     if config.new_tokens and not config.add_domain:
         raise ValueError("--new-tokens gives tokens of its own to a domain added with --add-domain.")
+    if config.control_embedding is not None and not config.add_domain:
+        raise ValueError("--control-embedding configures a domain added with --add-domain; a domain the model has "
+                         "keeps what its control token reads as.")
     if config.new_tokens and min(config.new_tokens) < 1:
         raise ValueError(f"--new-tokens must be positive numbers, got {config.new_tokens}.")
     if config.token_learning_rate is not None and not config.token_learning_rate > 0:
@@ -319,13 +322,13 @@ def model_to_train(config: TrainingConfig, train_texts: dict[str | None, list[st
 
 def _add_domain(model, name: str, config: TrainingConfig, adapters: AdapterConfig | None, texts: list[str],
                 validation_texts: list[str] | None) -> None:
+    domain_kwargs = dict(num_blocks=config.num_blocks, adapters=adapters, control_embedding=config.control_embedding)
     if not config.new_tokens:
-        model.add_domain(name, num_blocks=config.num_blocks, adapters=adapters)
+        model.add_domain(name, **domain_kwargs)
     elif config.token_init == "mean":
         if len(config.new_tokens) > 1:
             raise ValueError("Several --new-tokens numbers are chosen between with --token-init fit only.")
-        model.add_domain(name, num_blocks=config.num_blocks, adapters=adapters, corpus=texts,
-                         num_new_tokens=config.new_tokens[0])
+        model.add_domain(name, corpus=texts, num_new_tokens=config.new_tokens[0], **domain_kwargs)
         model.config.domains[name]["token_init"] = {"method": "mean of pieces (input and output rows)"}
     else:
         from .token_init import TokenInitConfig, add_domain_with_tokens
@@ -335,7 +338,7 @@ def _add_domain(model, name: str, config: TrainingConfig, adapters: AdapterConfi
             texts, validation_texts = texts[:cut], texts[cut:]
         add_domain_with_tokens(model, name, list(texts), list(validation_texts)[:100], config.new_tokens,
                                TokenInitConfig(distill_steps=config.token_init_distill_steps, seed=config.seed),
-                               tolerance=config.token_tolerance, num_blocks=config.num_blocks, adapters=adapters)
+                               tolerance=config.token_tolerance, **domain_kwargs)
 
 
 def _context_length(model) -> int | None:

@@ -74,6 +74,12 @@ class TrainingConfig:
     adapter_targets: list[str] | None = field(default=None, metadata=_flag(
         "With --adapter-rank: a linear layer to adapt in every decoder layer, by name (q_proj, down_proj, ...); "
         "repeatable (default: every one the architecture table lists).", "model"))
+    control_embedding: str | None = field(default=None, metadata=_flag(
+        "With --add-domain: what the domain's control token reads as: 'bos', the backbone's BOS token (its frozen "
+        "row: the first position, where attention gathers, stays as the backbone learned it), or 'learned', a row of "
+        "its own, trained with the domain. Default: 'bos' for a domain of adapters only (--num-blocks 0) on a backbone "
+        "with a BOS token, else 'learned' (each measured better there on SmolLM2 recipes).", "model",
+        choices=["bos", "learned"]))
     new_tokens: list[int] | None = field(default=None, metadata=_flag(
         "With --add-domain: how many tokens of its own the domain learns from the training text. Repeat it to try "
         "several numbers: with --token-init fit, the one that reads the validation text best before training is "

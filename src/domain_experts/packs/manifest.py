@@ -17,14 +17,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..configuration_domain_experts import check_domain_name, control_token_for
+from ..configuration_domain_experts import CONTROL_EMBEDDINGS, check_domain_name, control_token_for
 from ..files import file_sha256
 
 
 PACK_FORMAT = "domain_experts.pack"
-PACK_FORMAT_VERSION = 2
+PACK_FORMAT_VERSION = 3
 """Version 2 added routed adapters (`adapters`), output rows and biases of a domain's own tokens (`output_embeddings`,
-`output_bias`, `logit_bias`) and how they were started (`token_init`); version 1 packs still load."""
+`output_bias`, `logit_bias`) and how they were started (`token_init`); version 3 what the control token reads as
+(`control_embedding`: a reader that ignored it would compute something else). Older packs still load."""
 MANIFEST_NAME = "domain_pack.json"
 WEIGHTS_NAME = "domain_pack.safetensors"
 README_NAME = "README.md"
@@ -209,6 +210,8 @@ class PackManifest:
         files: path -> `{"sha256": ..., "size": ...}` of every file of the pack but the manifest and the model card.
         datasets: datasets the domain was trained on (Hub ids or names), for the model card.
         token_init: how the domain's own tokens were started and trained (see `domain_experts.token_init`), or None.
+        control_embedding: what the control token reads as, `"bos"` or `"learned"` (see
+            `DomainExpertsForCausalLM.add_domain`); `"learned"` when absent, as in packs before release 0.3.
         evaluation: `{"dataset": ..., "split": ..., "metrics": {name: value}}`, for the model card, or None.
         library_version: the `domain_experts` version that wrote the pack.
         format_version: the pack format version (readers refuse newer ones).
@@ -228,6 +231,7 @@ class PackManifest:
     format_version: int = PACK_FORMAT_VERSION
     adapters: dict[str, Any] | None = None
     token_init: dict[str, Any] | None = None
+    control_embedding: str = "learned"
 
     @property
     def control_token(self) -> str:
@@ -259,6 +263,7 @@ class PackManifest:
             "datasets": list(self.datasets),
             "evaluation": self.evaluation,
             "token_init": self.token_init,
+            "control_embedding": self.control_embedding,
         }
 
     @classmethod
@@ -315,6 +320,9 @@ class PackManifest:
                'null or {"dataset": str, "split": str, "metrics": {name: number}}', evaluation)
         token_init = data.get("token_init")
         _check(token_init is None or isinstance(token_init, dict), "token_init", "null or an object", token_init)
+        control_embedding = data.get("control_embedding", "learned")
+        _check(control_embedding in CONTROL_EMBEDDINGS, "control_embedding",
+               " or ".join(map(repr, CONTROL_EMBEDDINGS)), control_embedding)
         library_version_ = data.get("library_version")
         return cls(
             name=name,
@@ -331,6 +339,7 @@ class PackManifest:
             format_version=version,
             adapters=dict(adapters) if adapters is not None else None,
             token_init=token_init,
+            control_embedding=control_embedding,
         )
 
     @classmethod

@@ -220,6 +220,7 @@ def save_pack(
         gate_trained=bool(settings.get("gate", False)), gate_layer=int(model.config.gate_layer),
         adapters=settings.get("adapters"), tensors=tensor_specs(state_dict), datasets=list(datasets or []), evaluation=evaluation,
         library_version=library_version(), token_init=settings.get("token_init"),
+        control_embedding=settings.get("control_embedding", "learned"),
     )
 
     def write(folder: Path) -> None:
@@ -370,7 +371,7 @@ def _load(model, fetched: FetchedPack, name: str | None, repo_id_or_path) -> str
         model.add_domain(name, expansion_layers=list(manifest.expansion_layers),
                          tokenizer=tokenizer if manifest.tokens else None, adapters=manifest.adapters,
                          state_dict=state_dict, gate_trained=manifest.gate_trained, provenance=provenance,
-                         token_init=manifest.token_init)
+                         token_init=manifest.token_init, control_embedding=manifest.control_embedding)
     except ValueError as error:
         raise PackError(f"{source}: {error}") from error
     logger.info(f"Loaded domain {name!r} from pack {source}.")
