@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from domain_experts import DomainExpertsForCausalLM
 from domain_experts.modeling_domain_experts import DomainExpansion
 from domain_experts.data import corpus_path, load_texts
-from domain_experts.train import TrainingConfig, latest_checkpoint, load_text_datasets, save_checkpoint, train
+from domain_experts.train import (TrainingConfig, latest_checkpoint, load_text_datasets, model_to_train, save_checkpoint,
+                                  train)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
         ({"text_column": "body"}, "no column 'body'.*columns are \\['text'\\]"),
         ({"block_size": 4096}, "block_size=4096 is larger than the backbone's context of 128"),
         ({"domain": "legal", "add_domain": False}, "Unknown domain 'legal'.*--add-domain"),
+        ({"add_domain": False, "control_embedding": "bos"}, "--control-embedding configures a domain added with"),
         ({"train_file": "empty"}, "training data is empty"),
         ({"train_file": "missing.jsonl"}, "No such data file"),
     ],
@@ -141,6 +143,19 @@ def test_bad_input_is_a_clear_error_before_any_work(tiny_model_dir, tmp_path, ch
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train(config)
     assert not (tmp_path / "out" / "run_config.json").exists(), "nothing written"
+
+
+def test_a_domain_of_adapters_is_adapters_alone_reading_its_control_token_as_bos(tiny_model_dir):
+    """--adapter-rank alone gives LoRA's configuration (no blocks, the control token read as BOS); without it 4 blocks
+    and a control row of its own; each can be chosen."""
+    texts = {"recipes": load_texts("recipes", "validation")[:4]}
+    for settings, blocks, control in [({"adapter_rank": 2}, 0, "bos"), ({}, 4, "learned"),
+                                      ({"adapter_rank": 2, "num_blocks": 1, "control_embedding": "bos"}, 1, "bos")]:
+        config = TrainingConfig(output_dir="unused", model=str(tiny_model_dir), domain="recipes", add_domain=True,
+                                **settings)
+        model, _ = model_to_train(config, texts)
+        assert len(model.config.domains["recipes"]["expansion_layers"]) == blocks, settings
+        assert model.config.domains["recipes"]["control_embedding"] == control, settings
 
 
 def test_resuming_another_run_is_an_error(tiny_model_dir, tmp_path):

@@ -127,6 +127,8 @@ def _validate(config: TrainingConfig) -> None:
         raise ValueError("--adapter-alpha and --adapter-targets need --adapter-rank.")
     if config.new_tokens and not config.add_domain:
         raise ValueError("--new-tokens gives tokens of its own to a domain added with --add-domain.")
+    if config.num_blocks is not None and not config.add_domain:
+        raise ValueError("--num-blocks configures a domain added with --add-domain.")
     if config.control_embedding is not None and not config.add_domain:
         raise ValueError("--control-embedding configures a domain added with --add-domain; a domain the model has "
                          "keeps what its control token reads as.")
@@ -322,7 +324,8 @@ def model_to_train(config: TrainingConfig, train_texts: dict[str | None, list[st
 
 def _add_domain(model, name: str, config: TrainingConfig, adapters: AdapterConfig | None, texts: list[str],
                 validation_texts: list[str] | None) -> None:
-    domain_kwargs = dict(num_blocks=config.num_blocks, adapters=adapters, control_embedding=config.control_embedding)
+    num_blocks = config.num_blocks if config.num_blocks is not None else 0 if adapters is not None else 4
+    domain_kwargs = dict(num_blocks=num_blocks, adapters=adapters, control_embedding=config.control_embedding)
     if not config.new_tokens:
         model.add_domain(name, **domain_kwargs)
     elif config.token_init == "mean":

@@ -63,8 +63,9 @@ class TrainingConfig:
     add_domain: bool = field(default=False, metadata=_flag(
         "Add the --domain domains to the model first (expansion blocks and adapters that start as exact identities, "
         "and a control token each).", "model"))
-    num_blocks: int = field(default=4, metadata=_flag(
-        "With --add-domain: how many expansion blocks (0: none, with --adapter-rank).", "model"))
+    num_blocks: int | None = field(default=None, metadata=_flag(
+        "With --add-domain: how many expansion blocks (0: none, with --adapter-rank). Default: 4, or 0 with "
+        "--adapter-rank (routed adapters alone read SmolLM2 recipes best, see the README's setting M).", "model"))
     adapter_rank: int = field(default=0, metadata=_flag(
         "With --add-domain: the rank of the routed low-rank adapters on the backbone's linear layers (0: none).",
         "model"))
