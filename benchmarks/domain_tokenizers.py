@@ -71,7 +71,7 @@ def trained_domain(corpus: str, args, folder: Path, start: Path | None = None,
     or, without one, a domain of --num-blocks blocks that `train` adds to the backbone itself (`--add-domain`)."""
     return train(TrainingConfig(
         output_dir=str(folder), model=str(start) if start else args.backbone, domain=corpus, add_domain=start is None,
-        num_blocks=args.num_blocks, train_file=str(corpus_path(corpus, "train")),
+        num_blocks=args.num_blocks if start is None else None, train_file=str(corpus_path(corpus, "train")),
         validation_file=str(corpus_path(corpus, "validation")), block_size=args.block_size,
         batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.learning_rate,
         token_learning_rate=token_learning_rate, control_token_dropout=0.0, seed=args.seed, overwrite=True)).eval()
