@@ -811,9 +811,9 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 `"learned"`: a row of the domain's own, started at the mean input embedding and trained with the
                 domain. Default: `"bos"` for a domain of adapters only on a backbone with a BOS token (a domain row
                 then computes what a LoRA computes), else `"learned"`. Measured on SmolLM2-135M (setting M of
-                `benchmarks/compare_methods.py`, 200 steps): rank-46 adapters read recipes at 0.8045 bits per
-                character with "bos", 0.8079 with "learned" (peft's LoRA: 0.8058); 4 blocks at 0.8369 with "bos",
-                0.8296 with "learned".
+                `benchmarks/compare_methods.py`, 200 steps, each at its chosen rate): rank-46 adapters read recipes
+                at 0.8045 bits per character with "bos", 0.8079 with "learned" (peft's LoRA: 0.8058); 4 blocks at
+                0.8308 with "bos", 0.8220 with "learned".
 
         The domain's tokens get ids past every id given out so far, in one contiguous range (control token first); their
         embeddings start at the mean of the backbone embeddings of the pieces each token joins, and belong to the domain.
