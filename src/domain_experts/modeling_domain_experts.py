@@ -1186,7 +1186,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         return self.backbone.get_input_embeddings()
 
     def _embed(self, input_ids: torch.LongTensor, routing: Routing | None) -> torch.Tensor:
-        """Input embeddings `(batch, seq, hidden)`: the backbone's, and the owning domain's for domain tokens."""
+        """Input embeddings `(batch, seq, hidden)`: the backbone's, and the owning domain's for domain tokens (but the
+        backbone's BOS row for the control token of a domain whose `control_embedding` is "bos")."""
         embedding = self.backbone.get_input_embeddings()
         backbone_vocab_size = self.config.backbone_vocab_size
         if routing is None or not (input_ids >= backbone_vocab_size).any():
