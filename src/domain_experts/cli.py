@@ -54,7 +54,7 @@ def info(args: argparse.Namespace) -> None:
                 "blocks": len(settings["expansion_layers"]),
                 "after_layers": settings["expansion_layers"],
                 "control_token": settings["tokens"][0],
-                "control_embedding": settings.get("control_embedding", "learned"),
+                "control_embedding": config.control_embedding_of(name),
                 "token_ids": settings["token_ids"],
                 **({"pack": settings["pack"]} if settings.get("pack") else {}),
             }

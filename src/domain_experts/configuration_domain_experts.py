@@ -145,6 +145,11 @@ class DomainExpertsConfig(PretrainedConfig):
                 f"vocab_size={self.vocab_size} is smaller than the backbone's vocabulary ({backbone_vocab_size})."
             )
 
+    def control_embedding_of(self, name: str) -> str:
+        """What domain `name`'s control token reads as: `"bos"` or `"learned"` (a domain added before release 0.3 says
+        nothing: its control token has a row of its own)."""
+        return self.domains[name].get("control_embedding", "learned")
+
     @property
     def backbone_vocab_size(self) -> int:
         return self.backbone_config.get_text_config(decoder=True).vocab_size

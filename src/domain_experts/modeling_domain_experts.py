@@ -1000,8 +1000,9 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _init_token_embeddings(self, domain: DomainExpansion, new_tokens: list[str], control_embedding: str) -> None:
-        """Control token: a copy of the BOS row (`control_embedding="bos"`; `forward` reads the backbone's own, the
-        copy lets a reader that predates the setting compute the same), or the mean input embedding ("learned"). Each
+        """Control token: a copy of the BOS row (`control_embedding="bos"`: `forward` reads the backbone's own; the copy
+        lets a saved model read by a release before 0.3, which ignores the setting, compute the same while the row is
+        left as it was), or the mean input embedding ("learned"). Each
         new token: the mean of the backbone rows of its pieces (input and output rows; output bias: the mean of the
         pieces' LM-head biases, or 0)."""
         input_weight = self.backbone.get_input_embeddings().weight
@@ -1045,11 +1046,10 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         # whose control_embedding is "bos"; -1 for the others.
         read_as = torch.full_like(owner, BASE_ROUTE)
         for index, name in enumerate(self.domains):
-            settings = self.config.domains[name]
-            ids = torch.tensor(settings["token_ids"], device="cpu") - backbone_vocab_size
+            ids = torch.tensor(self.config.domains[name]["token_ids"], device="cpu") - backbone_vocab_size
             owner[ids] = index
             control[ids[0]] = index
-            if settings.get("control_embedding", "learned") == "bos":
+            if self.config.control_embedding_of(name) == "bos":
                 read_as[ids[0]] = self.config.bos_token_id
         self._domain_token_owner = owner
         self._control_token_domain = control

@@ -324,7 +324,9 @@ def model_to_train(config: TrainingConfig, train_texts: dict[str | None, list[st
 
 def _add_domain(model, name: str, config: TrainingConfig, adapters: AdapterConfig | None, texts: list[str],
                 validation_texts: list[str] | None) -> None:
-    num_blocks = config.num_blocks if config.num_blocks is not None else 0 if adapters is not None else 4
+    num_blocks = config.num_blocks
+    if num_blocks is None:  # adapters alone are LoRA's configuration, the best one in setting M
+        num_blocks = 0 if adapters is not None else 4
     domain_kwargs = dict(num_blocks=num_blocks, adapters=adapters, control_embedding=config.control_embedding)
     if not config.new_tokens:
         model.add_domain(name, **domain_kwargs)

@@ -220,7 +220,7 @@ def save_pack(
         gate_trained=bool(settings.get("gate", False)), gate_layer=int(model.config.gate_layer),
         adapters=settings.get("adapters"), tensors=tensor_specs(state_dict), datasets=list(datasets or []), evaluation=evaluation,
         library_version=library_version(), token_init=settings.get("token_init"),
-        control_embedding=settings.get("control_embedding", "learned"),
+        control_embedding=model.config.control_embedding_of(name),
     )
 
     def write(folder: Path) -> None:
