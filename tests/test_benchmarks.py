@@ -1,7 +1,10 @@
 """The issue 7 and 14 comparison (benchmarks/compare_methods.py) runs in one go and resumes, at toy sizes: setting S end
 to end, and setting M's procedure (learning rates chosen on validation, paired standard errors, the speed phase) on
 setting S's tiny backbone instead of SmolLM2; the issue 15 benchmark (benchmarks/domain_tokenizers.py) on that backbone
-too. The real runs are in README."""
+too. The real runs are in README.
+
+The runs of the scripts whole are marked `slow` (three minutes together: left out of the default `pytest`, run by CI);
+the helpers' unit tests run by default."""
 
 import importlib.util
 import json
@@ -61,6 +64,7 @@ def setting_m(first_run) -> Path:
     return first_run
 
 
+@pytest.mark.slow
 def test_setting_s_writes_every_method_and_target(first_run):
     result = json.loads((first_run / "results" / "compare_methods_S.json").read_text())
     assert list(result["rows"]) == ["backbone", "expansion", "expansion_no_extension", "full_fine_tuning", "lora",
@@ -77,6 +81,7 @@ def test_setting_s_writes_every_method_and_target(first_run):
     assert (first_run / "results" / "compare_methods_S.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_resume_keeps_measured_methods_and_refuses_other_settings(first_run):
     before = json.loads((first_run / "results" / "compare_methods_S.json").read_text())
     resumed = compare_methods(first_run, *TOY_S, "--resume")
@@ -94,6 +99,7 @@ def test_resume_keeps_measured_methods_and_refuses_other_settings(first_run):
     assert other.returncode != 0 and "resume with the same flags" in other.stderr
 
 
+@pytest.mark.slow
 def test_setting_m_chooses_learning_rates_on_validation(setting_m):
     result = json.loads((setting_m / "results" / "compare_methods_M.json").read_text())
     rows = result["rows"]
@@ -128,6 +134,7 @@ def test_setting_m_chooses_learning_rates_on_validation(setting_m):
     assert "Learning-rate search" in table and "| (d) domain, routed adapters of rank" in table
 
 
+@pytest.mark.slow
 def test_setting_m_resume_measures_only_what_is_missing(setting_m):
     state_path = setting_m / "work" / "M" / "rows.json"
     state = json.loads(state_path.read_text())
@@ -145,6 +152,7 @@ def test_setting_m_resume_measures_only_what_is_missing(setting_m):
     assert "Speed phase" not in resumed.stderr
 
 
+@pytest.mark.slow
 def test_text_by_text_bits_add_up_to_language_modeling(first_run, script):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,6 +194,7 @@ def domain_tokenizers(tmp_path: Path, backbone: str, *flags: str) -> dict:
     return json.loads((tmp_path / "out" / "domain_tokenizers.json").read_text())["corpora"]["recipes"]
 
 
+@pytest.mark.slow
 def test_domain_tokenizers_chooses_the_token_learning_rate_on_validation(first_run, tmp_path):
     """Tokens kept (a tolerance that keeps any): the arm with them trains at each token learning rate, the one reading
     validation best is measured, and its record says which."""
