@@ -31,6 +31,11 @@ def test_info_on_missing_folder_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "error" in result.stderr
 
 
+def test_info_on_a_folder_that_is_no_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    assert "holds no config.json, not a saved DomainExperts model" in capsys.readouterr().err
+
+
 def all_parsers(parser: argparse.ArgumentParser, name: str = "domain-experts"):
     yield name, parser
     for action in parser._actions:

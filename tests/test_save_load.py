@@ -16,7 +16,7 @@ from conftest import TEXTS, make_batch, train_domain
 from transformers import AutoModelForCausalLM
 
 from domain_experts import DomainExpertsForCausalLM
-from domain_experts.configuration_domain_experts import AdapterConfig
+from domain_experts.configuration_domain_experts import AdapterConfig, DomainExpertsConfig
 
 
 REMOTE_CODE = ["configuration_domain_experts.py", "modeling_domain_experts.py", "tokenization_domain_experts.py"]
@@ -186,6 +186,20 @@ def test_checkpoint_missing_a_tensor_is_an_error_not_garbage(setup, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing.*domains.recipes.token_embeddings"):
         DomainExpertsForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_folder_that_is_not_a_saved_model_is_an_error_naming_what_it_is(tmp_path):
+    """transformers reads a folder without config.json as an empty config, and another model type's with a warning."""
+    tiny_backbone("llama").save_pretrained(tmp_path / "backbone")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_type").mkdir()
+    (tmp_path / "no_type" / "config.json").write_text('{"hidden_size": 8}')
+    for folder, found in [("backbone", "is a 'llama' model"), ("empty", "holds no config.json"),
+                          ("no_type", "has a config.json without a model_type")]:
+        for load in (DomainExpertsForCausalLM.from_pretrained, DomainExpertsConfig.from_pretrained):
+            with pytest.raises(ValueError, match=f"{found}, not a saved DomainExperts model.*from_backbone"):
+                load(tmp_path / folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "empty", "no_type"]  # nothing written
 
 
 def test_tokenizer_code_in_a_saved_folder_never_runs_unasked(tmp_path):

@@ -145,6 +145,27 @@ class DomainExpertsConfig(PretrainedConfig):
                 f"vocab_size={self.vocab_size} is smaller than the backbone's vocabulary ({backbone_vocab_size})."
             )
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """transformers' `get_config_dict`, refusing what is not a saved DomainExperts model.
+
+        transformers reads a folder without `config.json` as an empty config and another model type's config with a
+        warning; either would become a default or nonsensical DomainExperts config here, so each is an error naming
+        the fix.
+        """
+        config_dict, unused_kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type != cls.model_type:
+            source = str(pretrained_model_name_or_path)
+            found = "holds no config.json" if not config_dict else (
+                f"is a {model_type!r} model" if model_type else "has a config.json without a model_type")
+            raise ValueError(
+                f"{source} {found}, not a saved DomainExperts model. Load a folder written by "
+                f"`DomainExpertsForCausalLM.save_pretrained` (or `domain-experts train`/`compose`); to put domains on a "
+                f"backbone, start from it with `DomainExpertsForCausalLM.from_backbone(...)`."
+            )
+        return config_dict, unused_kwargs
+
     def control_embedding_of(self, name: str) -> str:
         """What domain `name`'s control token reads as: `"bos"` or `"learned"` (a domain added before release 0.3 says
         nothing: its control token has a row of its own)."""
