@@ -189,7 +189,8 @@ def test_checkpoint_missing_a_tensor_is_an_error_not_garbage(setup, tmp_path):
 
 
 def test_a_folder_that_is_not_a_saved_model_is_an_error_naming_what_it_is(tmp_path):
-    """transformers reads a folder without config.json as an empty config, and another model type's with a warning."""
+    """transformers reads a folder without config.json as an empty config, and another model type's with a warning;
+    a backbone without its tokenizer files gets transformers' word about converting slow tokenizers."""
     tiny_backbone("llama").save_pretrained(tmp_path / "backbone")
     (tmp_path / "empty").mkdir()
     (tmp_path / "no_type").mkdir()
@@ -200,6 +201,8 @@ def test_a_folder_that_is_not_a_saved_model_is_an_error_naming_what_it_is(tmp_pa
             with pytest.raises(ValueError, match=f"{found}, not a saved DomainExperts model.*from_backbone"):
                 load(tmp_path / folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "empty", "no_type"]  # nothing written
+    with pytest.raises(ValueError, match="Cannot load the tokenizer of backbone.*tokenizer=tokenizer"):
+        DomainExpertsForCausalLM.from_backbone(str(tmp_path / "backbone"))  # saved without its tokenizer
 
 
 def test_tokenizer_code_in_a_saved_folder_never_runs_unasked(tmp_path):

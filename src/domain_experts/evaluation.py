@@ -146,15 +146,12 @@ def perplexity_from_bits(bits_per_character: float, characters_per_token: float)
 def load_model(spec: str):
     """A DomainExperts model (a saved folder or Hub repo), or a backbone (an id, a folder, or "smollm2") wrapped with
     no domain."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     from .modeling_domain_experts import DomainExpertsForCausalLM
 
     if spec == "smollm2":
-        from .smollm2 import load_smollm2
-
-        backbone, tokenizer = load_smollm2()
-        return DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
+        return DomainExpertsForCausalLM.from_backbone(spec)
     check_location(spec)
     config_file = Path(spec) / "config.json"
     if config_file.is_file():
@@ -163,8 +160,7 @@ def load_model(spec: str):
         model_type = AutoConfig.from_pretrained(spec).model_type
     if model_type == "domain_experts":
         return DomainExpertsForCausalLM.from_pretrained(spec)
-    backbone, tokenizer = AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
-    return DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)
+    return DomainExpertsForCausalLM.from_backbone(spec)
 
 
 def read_data_specs(specs: list[str], text_column: str = "text", max_samples: int | None = None) -> dict:

