@@ -124,14 +124,21 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
     "change, message",
     [
         ({"text_column": "body"}, "no column 'body'.*columns are \\['text'\\]"),
-        ({"block_size": 4096}, "block_size=4096 is larger than the backbone's context of 128"),
+        ({"block_size": 4096, "new_tokens": [5]}, "block_size=4096 is larger than the backbone's context of 128"),
+        ({"learning_rate": -1.0}, "--learning-rate must be positive"),
+        ({"weight_decay": -0.1}, "--weight-decay, --warmup-steps and --max-grad-norm must be 0 or more"),
+        ({"adapter_rank": -2}, "--adapter-rank and --num-blocks must be 0 or more"),
         ({"domain": "legal", "add_domain": False}, "Unknown domain 'legal'.*--add-domain"),
         ({"add_domain": False, "control_embedding": "bos"}, "--control-embedding configures a domain added with"),
         ({"train_file": "empty"}, "training data is empty"),
         ({"train_file": "missing.jsonl"}, "No such data file"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_any_work(tiny_model_dir, tmp_path, change, message):
+def test_bad_input_is_a_clear_error_before_any_work(tiny_model_dir, tmp_path, monkeypatch, change, message):
+    def no_token_start(*args, **kwargs):
+        raise AssertionError("started a domain's tokens before checking the input")
+
+    monkeypatch.setattr("domain_experts.token_init.add_domain_with_tokens", no_token_start)
     if change.get("train_file") == "empty":
         (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
         change = {"train_file": str(tmp_path / "empty.jsonl")}
@@ -152,7 +159,7 @@ def test_a_domain_of_adapters_is_adapters_alone_reading_its_control_token_as_bos
     for settings, blocks, control in [({"adapter_rank": 2}, 0, "bos"), ({}, 4, "learned"),
                                       ({"adapter_rank": 2, "num_blocks": 1, "control_embedding": "bos"}, 1, "bos")]:
         config = TrainingConfig(output_dir="unused", model=str(tiny_model_dir), domain="recipes", add_domain=True,
-                                **settings)
+                                block_size=64, **settings)
         model, _ = model_to_train(config, texts)
         assert len(model.config.domains["recipes"]["expansion_layers"]) == blocks, settings
         assert model.config.domains["recipes"]["control_embedding"] == control, settings

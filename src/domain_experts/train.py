@@ -132,6 +132,8 @@ def _validate(config: TrainingConfig) -> None:
     if config.control_embedding is not None and not config.add_domain:
         raise ValueError("--control-embedding configures a domain added with --add-domain; a domain the model has "
                          "keeps what its control token reads as.")
+    if config.adapter_rank < 0 or (config.num_blocks is not None and config.num_blocks < 0):
+        raise ValueError("--adapter-rank and --num-blocks must be 0 or more.")
     if config.new_tokens and min(config.new_tokens) < 1:
         raise ValueError(f"--new-tokens must be positive numbers, got {config.new_tokens}.")
     if config.token_learning_rate is not None and not config.token_learning_rate > 0:
@@ -152,6 +154,10 @@ def _validate(config: TrainingConfig) -> None:
         raise ValueError(f"block_size must be at least 2, got {config.block_size}.")
     if config.max_steps < 1 or config.batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ValueError("max_steps, batch_size and gradient_accumulation_steps must be positive.")
+    if not config.learning_rate > 0:
+        raise ValueError(f"--learning-rate must be positive, got {config.learning_rate}.")
+    if config.weight_decay < 0 or config.warmup_steps < 0 or config.max_grad_norm < 0:
+        raise ValueError("--weight-decay, --warmup-steps and --max-grad-norm must be 0 or more.")
     if not 0.0 <= config.control_token_dropout <= 1.0:
         raise ValueError(f"control_token_dropout must be in [0, 1], got {config.control_token_dropout}.")
     if config.lr_scheduler not in {s.value for s in SchedulerType}:
@@ -307,6 +313,9 @@ def model_to_train(config: TrainingConfig, train_texts: dict[str | None, list[st
     model = load_model(config.model)
     if model.tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer; training needs one.")
+    context = _context_length(model)  # checked before a domain's tokens are started (minutes on a real backbone)
+    if context is not None and config.block_size > context:
+        raise ValueError(f"block_size={config.block_size} is larger than the backbone's context of {context} tokens.")
     adapters = None
     if config.adapter_rank:
         adapters = AdapterConfig(r=config.adapter_rank, alpha=config.adapter_alpha or 2.0 * config.adapter_rank,
@@ -815,9 +824,6 @@ def _train(config: TrainingConfig):
         config, {name: train[config.text_column] for name, (train, _) in rows.items()},
         {name: validation[config.text_column] if validation is not None else None
          for name, (_, validation) in rows.items()})
-    context = _context_length(model)
-    if context is not None and config.block_size > context:
-        raise ValueError(f"block_size={config.block_size} is larger than the backbone's context of {context} tokens.")
     run_config = _run_config(config, run_fingerprints(model, tokenizers, rows, config))
     if config.resume:
         _check_same_start(read_run_config(output_dir), run_config["fingerprints"], config)
