@@ -181,6 +181,26 @@ def test_gate_entry_is_carried_over(tmp_path):
     assert other.domain_names == []
 
 
+def test_packs_load_whatever_truncation_and_padding_the_tokenizers_last_used(tmp_path):
+    """A fast tokenizer keeps the truncation and padding of its last call; transformers saves them in tokenizer.json
+    and, loading that, writes them into tokenizer_config.json (max_length, stride, ...): how a tokenizer was last
+    called, not what it is, so a pack's tokenizer check must not count them."""
+    def used(model, domains):
+        for domain in domains:
+            model.tokenizer([RECIPE, STORY], domain=domain, truncation=True, max_length=16, stride=2,
+                            padding="max_length", pad_to_multiple_of=8)
+        return model
+
+    source = with_recipes(tokens=True)
+    source.add_domain("stories", num_blocks=1)
+    packs = [used(source, [None, "recipes"]).save_domain(name, tmp_path / name) for name in ("recipes", "stories")]
+    used(new_model(), [None]).save_pretrained(tmp_path / "backbone")
+    for target in (DomainExpertsForCausalLM.from_pretrained(tmp_path / "backbone"), new_model()):
+        for folder in packs:
+            target.load_domain(folder)
+        assert_same_outputs(row_outputs(target, RECIPE_ROWS), row_outputs(source, RECIPE_ROWS))
+
+
 def test_name_clash_is_an_error_and_rename_keeps_outputs(recipes):
     expected, folder = recipes.outputs, recipes.folder
     target = new_model()

@@ -9,6 +9,7 @@ import argparse
 import gc
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -405,6 +406,15 @@ def test_serve_refuses_other_hosts_without_an_api_key_before_loading_anything(mo
     args = serve_args("no/such-model", "--max-batch-size", "0")
     with pytest.raises(ValueError, match="--max-batch-size must be at least 1"):
         args.run(args)
+    args = serve_args("no/such-model", "--port", "99999")
+    with pytest.raises(ValueError, match="--port must be in 0-65535"):
+        args.run(args)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = serve_args("no/such-model", "--port", str(taken.getsockname()[1]))
+        with pytest.raises(OSError, match="another server may hold the port; choose another with --port"):
+            args.run(args)
     parser = argparse.ArgumentParser()
     add_serve_command(parser.add_subparsers())
     for action in parser._subparsers._group_actions[0].choices["serve"]._actions:

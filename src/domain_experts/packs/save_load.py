@@ -40,9 +40,11 @@ from .manifest import (
 logger = logging.get_logger(__name__)
 
 # tokenizer_config.json entries that say how a tokenizer was loaded or is used, not what it computes: they may differ
-# between the model that wrote a pack and the one that loads it.
+# between the model that wrote a pack and the one that loads it. The last four are the truncation and padding of a fast
+# tokenizer's last call, which transformers copies from tokenizer.json into the config when it loads one.
 _USAGE_SETTINGS = frozenset({"name_or_path", "padding_side", "truncation_side", "model_max_length",
-                             "split_special_tokens", "is_local", "local_files_only", "_commit_hash", "pad_token_type_id"})
+                             "split_special_tokens", "is_local", "local_files_only", "_commit_hash", "pad_token_type_id",
+                             "max_length", "stride", "truncation_strategy", "pad_to_multiple_of"})
 # tokenizer.json sections that hold the padding and truncation a caller last asked for, not the tokenizer's pipeline.
 _USAGE_SECTIONS = frozenset({"padding", "truncation"})
 

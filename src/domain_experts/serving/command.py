@@ -6,6 +6,7 @@ once.
 
 import argparse
 import os
+import socket
 import textwrap
 
 API_KEY_ENVIRONMENT_VARIABLE = "DOMAIN_EXPERTS_API_KEY"
@@ -21,6 +22,25 @@ def check_host(host: str, api_key: str | None) -> None:
         )
     if api_key is not None and not api_key.strip():
         raise ValueError("The API key is empty: give a non-empty key, or none to serve on 127.0.0.1 only.")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port out of range, an address that is not this machine's, or a port another server holds, before the
+    model loads (minutes, for a large one) rather than after."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0-65535, got {port}.")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ValueError(f"Cannot listen on {host!r} ({error.strerror}): give an address of this machine (--host).") \
+            from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing port is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise OSError(f"Cannot listen on {host}:{port} ({error.strerror}): another server may hold the port; "
+                          "choose another with --port.") from None
 
 
 def serve(
@@ -41,6 +61,7 @@ def serve(
         log_level: uvicorn's log level.
     """
     check_host(host, api_key)
+    check_port(host, port)
     from transformers.utils import logging
 
     logger = logging.get_logger(__name__)
@@ -72,6 +93,7 @@ def run_serve(args: argparse.Namespace) -> None:
     api_key = args.api_key or os.environ.get(API_KEY_ENVIRONMENT_VARIABLE) or None
     # Everything that can refuse the start is checked before the model loads.
     check_host(args.host, api_key)
+    check_port(args.host, args.port)
     if args.max_batch_size < 1 or args.batch_wait_ms < 0:
         raise ValueError(f"--max-batch-size must be at least 1 and --batch-wait-ms at least 0, got "
                          f"{args.max_batch_size} and {args.batch_wait_ms}.")
