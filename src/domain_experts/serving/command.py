@@ -29,18 +29,14 @@ def check_port(host: str, port: int) -> None:
     model loads (minutes, for a large one) rather than after."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0-65535, got {port}.")
-    try:
-        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as error:
-        raise ValueError(f"Cannot listen on {host!r} ({error.strerror}): give an address of this machine (--host).") \
-            from None
-    with socket.socket(family, kind, protocol) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing port is free
+    # The socket uvicorn binds: IPv6 for an address with a colon, else IPv4, reusing a port that is closing.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(address)
+            probe.bind((host, port))
         except OSError as error:
-            raise OSError(f"Cannot listen on {host}:{port} ({error.strerror}): another server may hold the port; "
-                          "choose another with --port.") from None
+            raise OSError(f"Cannot listen on {host}:{port} ({error.strerror}): give an address of this machine "
+                          "(--host) and a port no other server holds (--port).") from None
 
 
 def serve(
