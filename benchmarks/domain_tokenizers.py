@@ -24,7 +24,8 @@ texts best is the one measured. Reported per corpus:
   texts, so this mixes speed with content), and characters per second on the domain's own text, from the same timing:
   1 / (seconds per generated token x tokens per character of the test split).
 
-Writes benchmarks/results/domain_tokenizers.{json,md}. The test split decides nothing.
+Writes benchmarks/results/domain_tokenizers.{json,md}: the corpora of this run replace theirs there, the others are
+kept, each with the command that measured it. The test split decides nothing.
 """
 
 import argparse
@@ -83,8 +84,10 @@ def start_with_tokens(corpus: str, args, folder: Path) -> dict:
     (seeded alike, on the first 100 validation texts). Returns the record of how the tokens were chosen and started."""
     model = DomainExpertsForCausalLM.from_backbone(args.backbone)
     set_seed(args.seed)
+    token_init = TokenInitConfig(seed=args.seed, distill_steps=args.token_init_distill_steps,
+                                 distill_length=args.token_init_distill_length)
     record = add_domain_with_tokens(model, corpus, load_texts(corpus, "train"), load_texts(corpus, "validation")[:100],
-                                    args.new_tokens, TokenInitConfig(seed=args.seed), tolerance=args.token_tolerance,
+                                    args.new_tokens, token_init, tolerance=args.token_tolerance,
                                     num_blocks=args.num_blocks)
     model.save_pretrained(folder)
     return record
@@ -157,13 +160,17 @@ def measure(corpus: str, args) -> dict:
     }
 
 
-def markdown(results: dict) -> str:
-    args = results["args"]
+def training_budget(args: dict) -> str:
     backbone = "SmolLM2-135M" if args["backbone"] == "smollm2" else args["backbone"]
-    lines = [f"{backbone}, {args['num_blocks']}-block domains trained {args['steps']} steps of "
-             f"{args['batch_size']} x {args['block_size']} tokens at learning rate {args['learning_rate']:g}, with and "
-             f"without tokens of their own (numbers tried: {', '.join(map(str, args['new_tokens']))}, chosen on "
-             f"validation). `{results['command']}`",
+    return (f"{backbone}, {args['num_blocks']}-block domains trained {args['steps']} steps of {args['batch_size']} x "
+            f"{args['block_size']} tokens at learning rate {args['learning_rate']:g}")
+
+
+def markdown(results: dict) -> str:
+    budgets = {training_budget(r["args"]) for r in results["corpora"].values()}
+    budget = budgets.pop() if len(budgets) == 1 else "Domains trained as each corpus's command says"
+    lines = [f"{budget}, with and without tokens of their own (the number of tokens chosen on validation among "
+             "those tried).",
              "", "| corpus | tokens chosen | step-0 validation bpc: backbone / domain without / with tokens | tokens "
              "per char: backbone / domain | test bpc after training: without / with (paired difference) | free "
              "generation chars/s: without / with (speed-up) | chars/s on the test text: without / with (speed-up) | "
@@ -186,7 +193,21 @@ def markdown(results: dict) -> str:
             f"{g['characters_per_second']['without']:.1f} / {g['characters_per_second']['with']:.1f} "
             f"({g['speedup']:.3f}x) | {text_speed['without']:.1f} / {text_speed['with']:.1f} "
             f"({g['speedup_on_text']:.3f}x) | {v['without']:.4f} / {rates} |")
+    lines += ["", "Measured by:"]
+    lines += [f"- {corpus} (numbers of tokens tried: {', '.join(map(str, r['args']['new_tokens']))}): `{r['command']}`"
+              for corpus, r in results["corpora"].items()]
     return "\n".join(lines) + "\n"
+
+
+def earlier_corpora(path: Path) -> dict:
+    """The corpora an earlier run measured (each with the command and arguments that measured it), from its results
+    file; a run replaces the corpora it measures and keeps the others."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    # Files written before the corpora carried their own command hold one command for all.
+    return {corpus: {"command": earlier.get("command"), "args": earlier.get("args"), **result}
+            for corpus, result in earlier["corpora"].items()}
 
 
 def main() -> None:
@@ -204,6 +225,10 @@ def main() -> None:
     parser.add_argument("--token-learning-rates", nargs="+", type=float, default=None,
                         help="learning rates of the token rows of the arm with tokens, each tried in a run of its own "
                              "(the best on the validation texts is kept; default: --learning-rate)")
+    parser.add_argument("--token-init-distill-steps", type=int, default=TokenInitConfig.distill_steps,
+                        help="Token Distillation steps of the new tokens' input rows (TokenInitConfig.distill_steps)")
+    parser.add_argument("--token-init-distill-length", type=int, default=TokenInitConfig.distill_length,
+                        help="domain tokens per text piece in distillation (TokenInitConfig.distill_length)")
     parser.add_argument("--validation-texts", type=int, default=100,
                         help="first N validation texts that choose the token learning rate")
     parser.add_argument("--num-blocks", type=int, default=4, help="expansion blocks of both domains")
@@ -227,9 +252,12 @@ def main() -> None:
         parser.error("--learning-rate and --token-learning-rates must be positive.")
     if not args.token_tolerance >= 0:
         parser.error(f"--token-tolerance must be 0 or more, got {args.token_tolerance}.")
-    results = {"command": "python " + " ".join(sys.argv), "args": vars(args),
-               "corpora": {corpus: measure(corpus, args) for corpus in args.corpora}}
     out = Path(args.results_dir) / "domain_tokenizers"
+    corpora = earlier_corpora(out.with_suffix(".json"))
+    command = "python " + " ".join(sys.argv)
+    for corpus in args.corpora:
+        corpora[corpus] = {"command": command, "args": vars(args), **measure(corpus, args)}
+    results = {"corpora": corpora}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomically(out.with_suffix(".json"), json.dumps(results, indent=2))
     write_file_atomically(out.with_suffix(".md"), markdown(results))

@@ -209,3 +209,26 @@ def test_domain_tokenizers_chooses_the_token_learning_rate_on_validation(first_r
     markdown = (tmp_path / "out" / "domain_tokenizers.md").read_text()
     assert f"**{min(tried, key=tried.get)}: " in markdown
 
+
+
+def test_domain_tokenizers_keeps_the_corpora_a_run_does_not_measure(tmp_path, monkeypatch):
+    """A run for stories leaves the recipes row of an earlier run (written before rows carried their own command)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("domain_tokenizers", SCRIPT.with_name("domain_tokenizers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = SCRIPT.parent / "results" / "domain_tokenizers.json"
+    (tmp_path / "domain_tokenizers.json").write_text(committed.read_text())
+    earlier = json.loads(committed.read_text())
+    measured = {key: value for key, value in earlier["corpora"]["recipes"].items() if key not in ("command", "args")}
+    monkeypatch.setattr(module, "measure", lambda corpus, args: {**measured, "new_tokens_chosen": 0})
+    monkeypatch.setattr(sys, "argv", ["domain_tokenizers.py", "--corpora", "stories", "--results-dir", str(tmp_path)])
+    module.main()
+    corpora = json.loads((tmp_path / "domain_tokenizers.json").read_text())["corpora"]
+    assert list(corpora) == ["recipes", "stories"]
+    assert corpora["recipes"]["command"] == earlier.get("command", earlier["corpora"]["recipes"].get("command"))
+    assert corpora["stories"]["command"].endswith(f"--corpora stories --results-dir {tmp_path}")
+    assert corpora["stories"]["args"]["corpora"] == ["stories"]
+    markdown = (tmp_path / "domain_tokenizers.md").read_text()
+    assert "| recipes | 250 |" in markdown and "| stories | 0 |" in markdown
+    assert f"- recipes (numbers of tokens tried: 250): `{corpora['recipes']['command']}`" in markdown
