@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from accelerate.utils import set_seed
 
@@ -93,6 +94,44 @@ def start_with_tokens(corpus: str, args, folder: Path) -> dict:
     return record
 
 
+def generation_speed(models: dict, corpus: str, test: list[str], per_character: dict, args) -> dict:
+    """Greedy generation of both arms after the first words of test texts, timed in alternation (see the module
+    docstring): characters per second of what each wrote, and on the corpus's own text."""
+    prompts = [" ".join(text.split()[: args.prompt_words]) for text in test[: args.gen_batch]]
+    for model in models.values():
+        generate(model, corpus, prompts, 2)  # warm-up
+    seconds, samples = {arm: [] for arm in models}, {}
+    for repeat in tqdm(range(args.gen_repeats), desc=f"{corpus}: timing generation", unit="round"):
+        for arm in (("with", "without") if repeat % 2 == 0 else ("without", "with")):
+            elapsed, texts = generate(models[arm], corpus, prompts, args.gen_tokens)
+            seconds[arm].append(elapsed)
+            samples[arm] = texts
+    characters = {arm: sum(map(len, texts)) for arm, texts in samples.items()}
+    speed = {arm: characters[arm] / statistics.median(seconds[arm]) for arm in models}
+    # Free generation writes other texts in each arm; on the corpus's own text an arm decodes one token per
+    # generation step, and spends its tokenizer's tokens per character.
+    generated = len(prompts) * args.gen_tokens
+    on_text = {arm: generated / statistics.median(seconds[arm]) / per_character[arm] for arm in models}
+    return {"characters_per_second": speed, "seconds": seconds, "characters": characters,
+            "speedup": speed["with"] / speed["without"], "samples": {a: s[:2] for a, s in samples.items()},
+            "tokens_generated": generated, "characters_per_second_on_text": on_text,
+            "speedup_on_text": on_text["with"] / on_text["without"], "repeats": args.gen_repeats}
+
+
+def retime_generation(corpus: str, earlier: dict, args) -> dict:
+    """`earlier` (a corpus's results) with its generation timed again, with this run's generation settings, on the
+    arms its run trained and saved in --work-dir (the arm with tokens at the token learning rate it chose)."""
+    work = Path(args.work_dir) / corpus
+    rate = earlier["token_learning_rate_chosen"]
+    models = {"without": DomainExpertsForCausalLM.from_pretrained(work / "without" / "model"),
+              "with": DomainExpertsForCausalLM.from_pretrained(work / f"with-token-lr-{rate:g}" / "model")}
+    per_character = {"without": earlier["tokens_per_character"]["backbone"],
+                     "with": earlier["tokens_per_character"]["domain"]}
+    test = load_texts(corpus, "test")[: args.test_texts or None]
+    return {**earlier, "generation": generation_speed(models, corpus, test, per_character, args),
+            "generation_command": "python " + " ".join(sys.argv)}
+
+
 def measure(corpus: str, args) -> dict:
     work = Path(args.work_dir) / corpus
     validation, test = load_texts(corpus, "validation"), load_texts(corpus, "test")[: args.test_texts or None]
@@ -129,33 +168,15 @@ def measure(corpus: str, args) -> dict:
     after = {arm: bpc_with_error(measured) for arm, measured in bits.items()}
     difference = paired_difference(bits["with"], bits["without"])
 
-    prompts = [" ".join(text.split()[: args.prompt_words]) for text in test[: args.gen_batch]]
-    for model in models.values():
-        generate(model, corpus, prompts, 2)  # warm-up
-    seconds, samples = {arm: [] for arm in models}, {}
-    for repeat in range(args.gen_repeats):
-        for arm in (("with", "without") if repeat % 2 == 0 else ("without", "with")):
-            elapsed, texts = generate(models[arm], corpus, prompts, args.gen_tokens)
-            seconds[arm].append(elapsed)
-            samples[arm] = texts
-    characters = {arm: sum(map(len, texts)) for arm, texts in samples.items()}
-    speed = {arm: characters[arm] / statistics.median(seconds[arm]) for arm in models}
     per_character = {"without": tokens_per_character(models["without"].tokenizer.tokenizer_for(None), test),
                      "with": tokens_per_character(models["with"].tokenizer.tokenizer_for(corpus), test)}
-    # Free generation writes other texts in each arm; on the corpus's own text an arm decodes one token per
-    # generation step, and spends its tokenizer's tokens per character.
-    generated = len(prompts) * args.gen_tokens
-    on_text = {arm: generated / statistics.median(seconds[arm]) / per_character[arm] for arm in models}
     return {
         "new_tokens_tried": args.new_tokens, "new_tokens_chosen": chosen, "step0_validation_bpc": step0,
         "validation_bpc_after_training": validation_after, "token_learning_rate_chosen": best[1],
         "tokens_per_character": {"backbone": per_character["without"], "domain": per_character["with"]},
         "test_bpc": {arm: {"value": v, "standard_error": e} for arm, (v, e) in after.items()},
         "test_bpc_difference": {"value": difference[0], "standard_error": difference[1]},
-        "generation": {"characters_per_second": speed, "seconds": seconds, "characters": characters,
-                       "speedup": speed["with"] / speed["without"], "samples": {a: s[:2] for a, s in samples.items()},
-                       "tokens_generated": generated, "characters_per_second_on_text": on_text,
-                       "speedup_on_text": on_text["with"] / on_text["without"]},
+        "generation": generation_speed(models, corpus, test, per_character, args),
         "token_init": record,
     }
 
@@ -195,6 +216,8 @@ def markdown(results: dict) -> str:
             f"({g['speedup_on_text']:.3f}x) | {v['without']:.4f} / {rates} |")
     lines += ["", "Measured by:"]
     lines += [f"- {corpus} (numbers of tokens tried: {', '.join(map(str, r['args']['new_tokens']))}): `{r['command']}`"
+              + (f"; generation timed again ({r['generation']['repeats']} rounds): `{r['generation_command']}`"
+                 if r.get("generation_command") else "")
               for corpus, r in results["corpora"].items()]
     return "\n".join(lines) + "\n"
 
@@ -243,6 +266,9 @@ def main() -> None:
     parser.add_argument("--gen-repeats", type=int, default=4, help="timed generations per arm, alternating")
     parser.add_argument("--prompt-words", type=int, default=6, help="words of a test text that prompt a generation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training runs")
+    parser.add_argument("--retime-generation", action="store_true",
+                        help="only time generation again (with these --gen-* settings) on the arms an earlier run "
+                             "trained and saved in --work-dir, replacing its generation numbers in the results")
     parser.add_argument("--work-dir", default="runs/domain_tokenizers", help="where the trained domains go")
     parser.add_argument("--results-dir", default="benchmarks/results", help="where the json and md go")
     args = parser.parse_args()
@@ -256,7 +282,12 @@ def main() -> None:
     corpora = earlier_corpora(out.with_suffix(".json"))
     command = "python " + " ".join(sys.argv)
     for corpus in args.corpora:
-        corpora[corpus] = {"command": command, "args": vars(args), **measure(corpus, args)}
+        if args.retime_generation:
+            if corpus not in corpora:
+                parser.error(f"--retime-generation: {out.with_suffix('.json')} holds no results for {corpus}.")
+            corpora[corpus] = retime_generation(corpus, corpora[corpus], args)
+        else:
+            corpora[corpus] = {"command": command, "args": vars(args), **measure(corpus, args)}
     results = {"corpora": corpora}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomically(out.with_suffix(".json"), json.dumps(results, indent=2))

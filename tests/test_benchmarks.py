@@ -208,27 +208,35 @@ def test_domain_tokenizers_chooses_the_token_learning_rate_on_validation(first_r
     assert result["tokens_per_character"]["domain"] < result["tokens_per_character"]["backbone"]
     markdown = (tmp_path / "out" / "domain_tokenizers.md").read_text()
     assert f"**{min(tried, key=tried.get)}: " in markdown
+    # Generation timed again on the saved arms: only its numbers change.
+    retimed = domain_tokenizers(tmp_path, backbone_of(first_run), "--retime-generation", "--gen-repeats", "3")
+    assert retimed["generation"]["repeats"] == 3 and len(retimed["generation"]["seconds"]["with"]) == 3
+    assert "--retime-generation" in retimed["generation_command"] and "--retime" not in retimed["command"]
+    assert {k: v for k, v in retimed.items() if k not in ("generation", "generation_command")} == \
+        {k: v for k, v in result.items() if k != "generation"}
 
 
 
 def test_domain_tokenizers_keeps_the_corpora_a_run_does_not_measure(tmp_path, monkeypatch):
-    """A run for stories leaves the recipes row of an earlier run (written before rows carried their own command)."""
+    """A run for stories leaves the recipes row of an earlier run, also one written before each corpus carried its own
+    command (the committed results, in that older layout)."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("domain_tokenizers", SCRIPT.with_name("domain_tokenizers.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    committed = SCRIPT.parent / "results" / "domain_tokenizers.json"
-    (tmp_path / "domain_tokenizers.json").write_text(committed.read_text())
-    earlier = json.loads(committed.read_text())
-    measured = {key: value for key, value in earlier["corpora"]["recipes"].items() if key not in ("command", "args")}
+    recipes = json.loads((SCRIPT.parent / "results" / "domain_tokenizers.json").read_text())["corpora"]["recipes"]
+    measured = {key: value for key, value in recipes.items() if key not in ("command", "args", "generation_command")}
+    older = {"command": "python earlier-run", "args": recipes["args"], "corpora": {"recipes": measured}}
+    (tmp_path / "domain_tokenizers.json").write_text(json.dumps(older))
     monkeypatch.setattr(module, "measure", lambda corpus, args: {**measured, "new_tokens_chosen": 0})
     monkeypatch.setattr(sys, "argv", ["domain_tokenizers.py", "--corpora", "stories", "--results-dir", str(tmp_path)])
     module.main()
     corpora = json.loads((tmp_path / "domain_tokenizers.json").read_text())["corpora"]
     assert list(corpora) == ["recipes", "stories"]
-    assert corpora["recipes"]["command"] == earlier.get("command", earlier["corpora"]["recipes"].get("command"))
+    assert corpora["recipes"] == {"command": "python earlier-run", "args": recipes["args"], **measured}
     assert corpora["stories"]["command"].endswith(f"--corpora stories --results-dir {tmp_path}")
     assert corpora["stories"]["args"]["corpora"] == ["stories"]
     markdown = (tmp_path / "domain_tokenizers.md").read_text()
-    assert "| recipes | 250 |" in markdown and "| stories | 0 |" in markdown
-    assert f"- recipes (numbers of tokens tried: 250): `{corpora['recipes']['command']}`" in markdown
+    assert f"| recipes | {measured['new_tokens_chosen']} |" in markdown and "| stories | 0 |" in markdown
+    tried = ", ".join(map(str, recipes["args"]["new_tokens"]))
+    assert f"- recipes (numbers of tokens tried: {tried}): `python earlier-run`" in markdown
