@@ -128,6 +128,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
         ({"learning_rate": -1.0}, "--learning-rate must be positive"),
         ({"weight_decay": -0.1}, "--weight-decay, --warmup-steps and --max-grad-norm must be 0 or more"),
         ({"adapter_rank": -2}, "--adapter-rank and --num-blocks must be 0 or more"),
+        ({"new_tokens": [5], "token_init_distill_length": 1}, "--token-init-distill-length must be at least 2"),
         ({"domain": "legal", "add_domain": False}, "Unknown domain 'legal'.*--add-domain"),
         ({"add_domain": False, "control_embedding": "bos"}, "--control-embedding configures a domain added with"),
         ({"train_file": "empty"}, "training data is empty"),
@@ -483,12 +484,14 @@ def test_tokens_of_its_own_are_chosen_on_validation_and_their_story_is_saved(tin
     """`--new-tokens` twice: both numbers are tried on the validation file before training; the saved model records
     what each read, the number kept and the training that followed."""
     model = train(small_config(tiny_model_dir, tmp_path / "run", new_tokens=[10, 30], token_init_distill_steps=4,
-                               validation_file=str(corpus_path("recipes", "test")), max_eval_samples=10))
+                               token_init_distill_length=16, validation_file=str(corpus_path("recipes", "test")),
+                               max_eval_samples=10))
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["domains"]["recipes"]["token_init"]
     assert saved == model.config.domains["recipes"]["token_init"]
     assert set(saved["validation_bits_per_character"]) == {"none", "10", "30"}
     assert saved["new_tokens"] == len(model.config.domains["recipes"]["tokens"]) - 1
     if saved["new_tokens"]:
+        assert (saved["settings"]["distill_steps"], saved["settings"]["distill_length"]) == (4, 16)
         assert saved["trained"] == [{"steps": 4, "learning_rate": 1e-3, "token_learning_rate": 1e-3,
                                      "block_size": 64, "batch_size": 2,
                                      "with": "the domain's blocks and adapters (domain_experts.train)"}]

@@ -145,6 +145,8 @@ def _validate(config: TrainingConfig) -> None:
         raise ValueError(f"--token-tolerance must be 0 or more, got {config.token_tolerance}.")
     if config.token_init_distill_steps < 0:
         raise ValueError(f"--token-init-distill-steps must be 0 or more, got {config.token_init_distill_steps}.")
+    if config.token_init_distill_length < 2:
+        raise ValueError(f"--token-init-distill-length must be at least 2, got {config.token_init_distill_length}.")
     if config.model not in (None, "smollm2"):
         check_location(config.model)
     for path in (config.train_file, config.validation_file, *(f for pair in sources.values() for f in pair)):
@@ -351,7 +353,8 @@ def _add_domain(model, name: str, config: TrainingConfig, adapters: AdapterConfi
             cut = len(texts) - max(1, len(texts) // 10)
             texts, validation_texts = texts[:cut], texts[cut:]
         add_domain_with_tokens(model, name, list(texts), list(validation_texts)[:100], config.new_tokens,
-                               TokenInitConfig(distill_steps=config.token_init_distill_steps, seed=config.seed),
+                               TokenInitConfig(distill_steps=config.token_init_distill_steps,
+                                               distill_length=config.token_init_distill_length, seed=config.seed),
                                tolerance=config.token_tolerance, **domain_kwargs)
 
 
