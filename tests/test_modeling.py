@@ -207,7 +207,8 @@ def test_manual_decoding_loop_with_cache(setup):
                      position_ids=torch.cat([batch["position_ids"], batch["position_ids"][:, -1:] + 1], 1))
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="other routes than domain_ids gives"):
-        model(**{**step_inputs, "input_ids": torch.tensor([[5], [5]]), "cache": getattr(step, CACHE_NAME)},
+        model(**{**step_inputs, "input_ids": torch.tensor([[5], [5]]), "cache": getattr(step, CACHE_NAME),
+                 "attention_mask": torch.cat([mask, torch.ones_like(next_token)], dim=1)},
               domain_ids=torch.tensor([-1, -1]))
 
 
@@ -358,6 +359,8 @@ def test_unknown_domain_and_bad_arguments(setup):
         model.add_domain("legal", expansion_layers=[99])
     with pytest.raises(ValueError, match="num_blocks"):
         model.add_domain("legal", num_blocks=0)
+    with pytest.raises(ValueError, match="num_blocks"):
+        model.add_domain("legal", num_blocks=True)
     assert model.domain_names == ["recipes"]
     model.add_domain("legal_v2-" + "x" * 55, num_blocks=1)  # the longest valid name works, and nothing broke
     assert model.domain_names == ["recipes", "legal_v2-" + "x" * 55]
@@ -575,6 +578,32 @@ def test_output_hidden_states(setup):
                for h in out.hidden_states)
     with pytest.raises(ValueError, match="output_attentions is not supported"):
         model(**batch, output_attentions=True)
+
+
+def test_inputs_of_the_wrong_shape_or_kind_are_one_clear_error(setup, tmp_path):
+    model, _ = setup
+    model.add_domain("recipes", num_blocks=1)
+    batch = make_batch(model, [(TEXTS["recipes"], "recipes"), (TEXTS["base"], None)])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    bad_calls = [
+        ({"input_ids": ids[0]}, r"input_ids must be a tensor of token ids of shape \(batch_size, sequence_length\), "
+                                r"got a 1-dimensional torch.int64 tensor; a single sequence is `input_ids\[None\]`"),
+        ({"input_ids": ids.float()}, "input_ids must be a tensor of token ids .* torch.float32"),
+        ({"inputs_embeds": torch.zeros(2, 3)}, r"inputs_embeds must be a tensor of shape \(batch_size"),
+        ({"input_ids": ids[:0]}, r"The input is empty \(shape \(0, "),
+        ({"input_ids": ids[:, :0]}, r"The input is empty"),
+        # transformers pads a short mask with zeros, masking the last tokens without a word
+        ({"input_ids": ids, "attention_mask": mask[:, 1:]}, r"attention_mask must have shape \(batch_size, past \+ "
+                                                            rf"sequence_length\) = \({ids.shape[0]}, {ids.shape[1]}\)"),
+        ({"input_ids": ids, "attention_mask": mask, "labels": ids[:, 1:]}, "labels must have the shape of the input"),
+    ]
+    for kwargs, message in bad_calls:
+        with pytest.raises(ValueError, match=message):
+            model(**kwargs)
+    (tmp_path / "a_file").write_text("")
+    # transformers only logs this and returns, saving nothing
+    with pytest.raises(ValueError, match="is a file: pass a folder"):
+        model.save_pretrained(tmp_path / "a_file")
 
 
 def test_labels_ignore_control_tokens_and_padding(setup):

@@ -823,11 +823,11 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             raise ValueError(f"Domain {name!r} already exists; remove it first or pick another name.")
         num_layers = len(self.decoder_layers)
         if expansion_layers is None:
-            if not isinstance(num_blocks, int) or not 0 <= num_blocks <= num_layers:
+            if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or not 0 <= num_blocks <= num_layers:
                 raise ValueError(f"num_blocks must be between 0 and the backbone's {num_layers} layers, got {num_blocks}.")
             expansion_layers = [(i + 1) * num_layers // num_blocks - 1 for i in range(num_blocks)]
         if not isinstance(expansion_layers, (list, tuple)) or not all(
-                isinstance(i, int) and 0 <= i < num_layers for i in expansion_layers):
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in expansion_layers):
             raise ValueError(f"expansion_layers must be a list of layer indices in [0, {num_layers}), got {expansion_layers}.")
         expansion_layers = sorted(expansion_layers)
         if adapters is not None:
@@ -1142,6 +1142,29 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
                 probabilities[:, index] = torch.sigmoid(features @ domain.gate_weight + domain.gate_bias)
         return probabilities
 
+    def _check_input_shapes(self, input_ids, inputs_embeds, attention_mask, labels, past_length: int) -> None:
+        """Raise a clear error for inputs of the wrong kind or shape, which would otherwise fail deep inside the layers
+        or, for a short attention mask, be padded with zeros without a word."""
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+                got = (f"a {input_ids.dim()}-dimensional {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
+                       else type(input_ids).__name__)
+                raise ValueError(f"input_ids must be a tensor of token ids of shape (batch_size, sequence_length), got "
+                                 f"{got}; a single sequence is `input_ids[None]`.")
+            shape = tuple(input_ids.shape)
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+                raise ValueError("inputs_embeds must be a tensor of shape (batch_size, sequence_length, hidden_size).")
+            shape = tuple(inputs_embeds.shape[:2])
+        if 0 in shape:
+            raise ValueError(f"The input is empty (shape {shape}): give at least one row of at least one token.")
+        if attention_mask is not None and attention_mask.dim() == 2 and (
+                tuple(attention_mask.shape) != (shape[0], past_length + shape[1])):
+            raise ValueError(f"attention_mask must have shape (batch_size, past + sequence_length) = "
+                             f"{(shape[0], past_length + shape[1])}, got {tuple(attention_mask.shape)}.")
+        if labels is not None and tuple(labels.shape) != shape:
+            raise ValueError(f"labels must have the shape of the input, {shape}, got {tuple(labels.shape)}.")
+
     def _check_input_ids(self, input_ids: torch.LongTensor, domain_ids: torch.LongTensor) -> None:
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids in "
@@ -1375,8 +1398,9 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
             cache = kwargs.pop("past_key_values")
         decoder_config = self.config.backbone_config.get_text_config(decoder=True)
         use_cache = use_cache if use_cache is not None else decoder_config.use_cache
-        batch_size, device = (input_ids if input_ids is not None else inputs_embeds).shape[0], self.device
         past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_input_shapes(input_ids, inputs_embeds, attention_mask, labels, past_length)
+        batch_size, device = (input_ids if input_ids is not None else inputs_embeds).shape[0], self.device
         domain_ids = self._resolve_routes(domain_ids, input_ids, attention_mask, past_length, batch_size, device)
         routing = Routing(domain_ids)
         if input_ids is not None:
@@ -1446,6 +1470,8 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save config (with `auto_map`), safetensors weights, the remote-code files and the tokenizers (`base` at the
         root, each domain's own under `domain_tokenizers/NAME`)."""
+        if os.path.isfile(save_directory):  # transformers would only log it and return without saving
+            raise ValueError(f"save_directory {save_directory} is a file: pass a folder (it is created if needed).")
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.tokenizer is not None and kwargs.get("is_main_process", True):
             self.tokenizer.save_pretrained(save_directory)
