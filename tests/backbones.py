@@ -5,8 +5,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     CohereConfig,
+    GemmaConfig,
     Gemma2Config,
     Gemma3TextConfig,
+    GlmConfig,
     GPT2Config,
     GPTNeoXConfig,
     GraniteConfig,
@@ -14,6 +16,7 @@ from transformers import (
     MistralConfig,
     MixtralConfig,
     Olmo2Config,
+    Olmo3Config,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -21,6 +24,9 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
     Qwen3NextConfig,
+    SmolLM3Config,
+    StableLmConfig,
+    Starcoder2Config,
 )
 
 
@@ -74,6 +80,18 @@ def tiny_config(family: str, vocab_size: int = VOCAB_SIZE, tokenizer=None):
                                 layer_types=["sliding_attention", "full_attention"] * 2, final_logit_softcapping=3.0)
     if family == "phi3":
         return Phi3Config(**common, tie_word_embeddings=False)
+    if family == "gemma":  # scaled embeddings, tied, no softcapping
+        return GemmaConfig(**common, head_dim=8)
+    if family == "smollm3":  # layer 3 without rotary embeddings (NoPE)
+        return SmolLM3Config(**common, no_rope_layer_interval=4, tie_word_embeddings=False)
+    if family == "olmo3":  # sliding and full layers, rotary per layer type
+        return Olmo3Config(**common, sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
+    if family == "starcoder2":  # LayerNorms and linear layers with biases, a c_fc/c_proj MLP, sliding window
+        return Starcoder2Config(**common, sliding_window=16, use_bias=True)
+    if family == "stablelm":  # partial rotary, norms of queries and keys, attention and MLP in parallel
+        return StableLmConfig(**common, qk_layernorm=True, use_parallel_residual=True)
+    if family == "glm":  # a fused gate_up_proj, partial rotary, attention biases
+        return GlmConfig(**common, head_dim=8)
     if family == "olmo2":
         return Olmo2Config(**common, tie_word_embeddings=False)
     if family == "granite":  # embedding multiplier, residual multiplier, logits divided by logits_scaling
@@ -101,8 +119,8 @@ def tiny_config(family: str, vocab_size: int = VOCAB_SIZE, tokenizer=None):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
-            "granite", "cohere"]
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+            "olmo3", "granite", "cohere", "smollm3", "stablelm", "starcoder2", "glm"]
 """The families of DomainExperts' architecture table, each tested by the core guarantees."""
 
 CORE_FAMILIES = ["llama", "qwen2", "gpt2"]

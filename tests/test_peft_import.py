@@ -16,7 +16,7 @@ from domain_experts.packs import IncompatibleBackboneError, PackError
 
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "gpt_neox": ["query_key_value"],
-           "phi3": ["qkv_proj", "gate_up_proj"]}
+           "phi3": ["qkv_proj", "gate_up_proj"], "glm": ["o_proj", "gate_up_proj"], "starcoder2": ["v_proj", "c_fc"]}
 
 
 def peft_adapter(family: str, folder, **lora):

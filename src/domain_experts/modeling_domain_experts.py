@@ -124,18 +124,26 @@ class Architecture:
 
 
 _SOFTCAP = LogitsProcessing("softcap", "final_logit_softcapping")
+_ATTENTION_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("model"),
     "mistral": Architecture("model"),
     "qwen2": Architecture("model"),
     "qwen3": Architecture("model"),
+    "smollm3": Architecture("model"),  # rotary skipped by some layers: their attention decides, the inputs are the same
+    "stablelm": Architecture("model"),
     "phi3": Architecture("model", adapter_targets=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                                    "mlp.down_proj")),
+    "glm": Architecture("model", adapter_targets=(*_ATTENTION_PROJECTIONS, "mlp.gate_up_proj", "mlp.down_proj")),
+    "starcoder2": Architecture("model", identity_projections=("self_attn.o_proj", "mlp.c_proj"),
+                               adapter_targets=(*_ATTENTION_PROJECTIONS, "mlp.c_fc", "mlp.c_proj")),
     "olmo2": Architecture("model"),
+    "olmo3": Architecture("model", inputs="rotary_per_layer_type"),
     "granite": Architecture("model", embedding_multiplier="embedding_multiplier",
                             logits_processing=LogitsProcessing("divide", "logits_scaling")),
     "cohere": Architecture("model", logits_processing=LogitsProcessing("multiply", "logit_scale")),
+    "gemma": Architecture("model", embedding_scale="embed_scale"),
     "gemma2": Architecture("model", embedding_scale="embed_scale", logits_processing=_SOFTCAP),
     "gemma3_text": Architecture("model", inputs="rotary_per_layer_type", embedding_scale="embed_scale",
                                 logits_processing=_SOFTCAP),
