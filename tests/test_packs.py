@@ -669,6 +669,9 @@ def test_cli_push_pull_info_compose(hub_server, users, recipes, tmp_path, monkey
     composed.tokenizer.padding_side = "left"  # as `source`'s (the backbone folder's tokenizer pads on the right)
     assert_same_outputs(row_outputs(composed, RECIPE_ROWS), recipes.outputs)
     assert "README.md" in HfApi().list_repo_files("alice/composed")
+    # a saved model is a base too: its domains are kept, the packs added after them
+    assert main(["compose", str(tmp_path / "composed"), "baking=alice/recipes", "--output", str(tmp_path / "more")]) == 0
+    assert "recipes, cooking, stories, baking" in capsys.readouterr().out
 
     assert main(["compose", str(backbone_folder), "alice/recipes"]) == 2
     assert "--output DIR and/or --push-to" in capsys.readouterr().err

@@ -205,6 +205,26 @@ def test_a_folder_that_is_not_a_saved_model_is_an_error_naming_what_it_is(tmp_pa
         DomainExpertsForCausalLM.from_backbone(str(tmp_path / "backbone"))  # saved without its tokenizer
 
 
+def test_a_backbone_that_is_not_one_is_an_error_naming_what_it_is(tmp_path):
+    """A pack folder or an empty one (transformers: "Unrecognized model"), or a saved DomainExperts model (a TypeError
+    after loading), given where a backbone is expected."""
+    from domain_experts.evaluation import load_model
+
+    model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama"), tokenizer=tiny_tokenizer())
+    model.add_domain("recipes", num_blocks=1)
+    model.save_pretrained(tmp_path / "model")
+    model.save_domain("recipes", tmp_path / "pack")
+    (tmp_path / "empty").mkdir()
+    for folder in ("pack", "empty"):
+        for load in (DomainExpertsForCausalLM.from_backbone, load_model):
+            with pytest.raises(ValueError, match=f"{folder} holds no config.json: it is not a model folder.*load_domain"):
+                load(str(tmp_path / folder))
+    with pytest.raises(ValueError, match="is a saved DomainExperts model, not a backbone: load it with "
+                                         "`DomainExpertsForCausalLM.from_pretrained`"):
+        DomainExpertsForCausalLM.from_backbone(str(tmp_path / "model"))
+    assert load_model(str(tmp_path / "model")).domain_names == ["recipes"]
+
+
 def test_tokenizer_code_in_a_saved_folder_never_runs_unasked(tmp_path):
     model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama"), tokenizer=tiny_tokenizer())
     model.add_domain("recipes", num_blocks=1)

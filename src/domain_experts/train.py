@@ -62,6 +62,7 @@ from transformers.utils import logging
 from .configuration_domain_experts import AdapterConfig, check_domain_name
 from .modeling_domain_experts import BASE_ROUTE, DomainExpansion
 from .files import (
+    TEXT_FILE_BUILDERS,
     DataFileError,
     check_location,
     check_replaceable,
@@ -151,6 +152,8 @@ def _validate(config: TrainingConfig) -> None:
         check_location(config.model)
     for path in (config.train_file, config.validation_file, *(f for pair in sources.values() for f in pair)):
         if path is not None and not Path(path).is_file():
+            if Path(path).is_dir():
+                raise ValueError(f"{path} is a folder: give a data file ({', '.join(TEXT_FILE_BUILDERS)}).")
             raise FileNotFoundError(f"No such data file: {path}")
     if config.block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {config.block_size}.")

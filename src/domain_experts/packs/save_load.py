@@ -362,7 +362,8 @@ def _load(model, fetched: FetchedPack, name: str | None, repo_id_or_path) -> str
     if name in model.domains:
         raise ValueError(
             f"This model already has a domain named {name!r}; load the pack {source} under another name with "
-            f"name=... (e.g. load_domain({str(repo_id_or_path)!r}, name={name + '_2'!r})), or remove the domain first."
+            f"name=... (e.g. load_domain({str(repo_id_or_path)!r}, name={name + '_2'!r}); on the command line "
+            f"{name + '_2'}={repo_id_or_path}), or remove the domain first."
         )
     _check_fits(model, manifest, source)
     state_dict, tokenizer = _read_pack(model, fetched)
