@@ -102,3 +102,17 @@ def test_a_missing_local_folder_is_reported_as_a_missing_folder(tmp_path, capsys
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert f"No such model folder: {location}" in error and "Repo id" not in error
+
+
+def test_a_file_given_as_a_model_is_reported_as_a_file(tmp_path, capsys):
+    data_file = tmp_path / "recipes.jsonl"
+    data_file.write_text('{"text": "a recipe"}\n')
+    for command in (["info", str(data_file)], ["eval", str(data_file), "--data", f"none={data_file}"],
+                    ["serve", str(data_file)]):
+        try:
+            code = main(command)
+        except SystemExit as exit_info:  # argparse's own error
+            code = exit_info.code
+        assert code == 2
+        error = capsys.readouterr().err
+        assert f"{data_file} is a file: give a model folder or a Hub repo id." in error, error

@@ -114,7 +114,7 @@ def _location(value: str) -> str:
     """argparse type of a model or pack given as a local folder or a Hub repo id."""
     try:
         return check_location(value)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, NotADirectoryError) as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 

@@ -215,12 +215,15 @@ def working_in_folder(folder: str | os.PathLike, work: str) -> Iterator[Path]:
 
 
 def check_location(location: str, role: str = "model") -> str:
-    """`location` as given, unless it can only be a local path and nothing is there: then a `FileNotFoundError`.
+    """`location` as given, unless it can only be a local path and nothing is there: then a `FileNotFoundError`; or
+    it is a file: then a `NotADirectoryError`.
 
     A Hub repo id is `NAME` or `NAMESPACE/NAME`; a location that starts with `.`, `/` or `~`, or holds more than one
     `/`, can only be a local folder, and a missing one is reported as such (not as a malformed repo id).
     """
     path = Path(location).expanduser()
+    if path.is_file():
+        raise NotADirectoryError(f"{location} is a file: give a {role} folder or a Hub repo id.")
     if path.exists():
         return location
     if location.startswith((".", "/", "~")) or location.count("/") > 1 or (os.sep != "/" and os.sep in location):

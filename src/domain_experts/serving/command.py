@@ -81,6 +81,7 @@ def run_serve(args: argparse.Namespace) -> None:
     """Load the model (and packs) named by `args`, then serve it."""
     from transformers.utils import logging
 
+    from ..files import check_location
     from ..modeling_domain_experts import DomainExpertsForCausalLM
     from ..packs import parse_pack_spec
 
@@ -88,6 +89,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENVIRONMENT_VARIABLE) or None
     # Everything that can refuse the start is checked before the model loads.
+    check_location(args.model)
     check_host(args.host, api_key)
     check_port(args.host, args.port)
     if args.max_batch_size < 1 or args.batch_wait_ms < 0:
