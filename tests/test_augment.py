@@ -553,6 +553,22 @@ def test_cli_bad_source_file_is_one_line_naming_it(tmp_path, capsys, name, conte
     assert not (tmp_path / "out").exists(), "nothing written"
 
 
+@pytest.mark.parametrize("generator, message", [
+    (["--endpoint", "127.0.0.1:8000/v1"], "The endpoint must be an http:// or https:// base URL"),
+    (["--model", "SOURCE"], "SOURCE is a file: give a generator model folder or a Hub repo id"),
+    (["--model", "./missing"], "No such generator model folder: ./missing"),
+    (["--endpoint", "http://127.0.0.1:9/v1", "--reference-model", "SOURCE"], "SOURCE is a file: give a reference model"),
+])
+def test_cli_bad_generator_is_one_line_before_anything_is_written(tmp_path, capsys, generator, message):
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in QA_ROWS))
+    generator = [str(source) if item == "SOURCE" else item for item in generator]
+    error = run_cli_expecting_one_error_line(capsys, ["augment", str(source), "--output-dir", str(tmp_path / "out"),
+                                                      *generator])
+    assert message.replace("SOURCE", str(source)) in error, error
+    assert not (tmp_path / "out").exists(), "nothing written"
+
+
 def test_cli_damaged_config_file_is_one_line_naming_it(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in QA_ROWS))
     (tmp_path / "config.json").write_text('{"seed": ')

@@ -6,7 +6,7 @@ import os
 import textwrap
 from pathlib import Path
 
-from ..files import TEXT_FILE_BUILDERS, read_text_file
+from ..files import TEXT_FILE_BUILDERS, check_location, read_text_file
 from .config import AugmentConfig, QualityConfig
 from .prompts import STRATEGIES
 
@@ -68,6 +68,9 @@ def run_augment(args: argparse.Namespace) -> None:
     overrides = {f.name: given[f.name] for f in dataclasses.fields(QualityConfig) if f.name in given}
     quality = QualityConfig.from_dict({**quality.to_dict(), **overrides})
 
+    for location, role in ((args.model, "generator model"), (args.reference_model, "reference model")):
+        if location not in (None, "smollm2"):
+            check_location(location, role)
     dataset = load_rows(args.data, args.split, role="source file")
     eval_dataset = [load_rows(path, args.split, role="evaluation file") for path in args.eval_data]
     if args.endpoint:

@@ -236,6 +236,9 @@ class EndpointGenerator:
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise ValueError(f"Need concurrency >= 1, max_retries >= 0 and timeout > 0, not {concurrency}, "
                              f"{max_retries} and {timeout}.")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"The endpoint must be an http:// or https:// base URL, e.g. http://127.0.0.1:8000/v1; got "
+                             f"{base_url!r}.")
         self.base_url, self.model, self.timeout = base_url, model, timeout
         self.max_retries, self.retry_backoff, self.concurrency = max_retries, retry_backoff, concurrency
         self.name = name or f"endpoint:{model or base_url}"
