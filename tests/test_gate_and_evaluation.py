@@ -93,6 +93,29 @@ def test_gate_entries_survive_save_and_load(gated_model, tmp_path):
     assert torch.equal(loaded.route(**batch), gated_model.route(**batch))
 
 
+def test_the_gate_trains_and_routes_where_the_tokenizer_has_no_pad_token(gated_model):
+    """Llama 3's and GPT-2's tokenizers have no pad token: transformers refuses `padding=True` with them."""
+    from backbones import tiny_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from domain_experts.gate import padded_prompts, prompt_features
+
+    texts = [t[:80] for t in load_texts("recipes", "validation")[:3]]
+    with_pad = gated_model.tokenizer.base
+    batch = with_pad(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    assert all(torch.equal(a, b) for a, b in zip(padded_prompts(with_pad, texts, 16), batch.values()))
+
+    no_pad = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer().backend_tokenizer, bos_token="<s>",
+                                     eos_token="</s>", padding_side="left")
+    model = DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama", seed=1), tokenizer=no_pad)
+    model.add_domain("recipes", num_blocks=1)
+    assert model.tokenizer.pad_token_id is None
+    # the same features as with a pad token: padded positions are masked out whatever their id
+    torch.testing.assert_close(prompt_features(model, texts), prompt_features(gated_model, texts), rtol=0, atol=0)
+    train_gate(model, {"recipes": samples("train", 8)["recipes"], None: samples("train", 8)[None]})
+    assert gate_accuracy(model, {"recipes": texts})["per_route"].keys() == {"recipes"}
+
+
 def test_train_gate_bad_input(gated_model):
     with pytest.raises(KeyError, match="Unknown domain 'cooking'"):
         train_gate(gated_model, {"cooking": ["x"], None: ["y"]})

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .files import check_location, read_json_file, read_text_file
+from .gate import padded_prompts
 
 
 logger = logging.get_logger(__name__)
@@ -130,9 +131,8 @@ def gate_accuracy(model, data: dict[str | None, list[str]], batch_size: int = 16
     for route, texts in data.items():
         for start in tqdm(range(0, len(texts), batch_size), desc=f"{route or NONE_ROUTE} texts, gate routing",
                           unit="batch", leave=False):
-            batch = model.tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
-                                    padding=True, return_tensors="pt")
-            routes = model.route(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+            routes = model.route(*padded_prompts(model.tokenizer, texts[start : start + batch_size], max_length,
+                                                 model.device))
             predictions += [model.domain_names[r] if r >= 0 else NONE_ROUTE for r in routes.tolist()]
             references += [route or NONE_ROUTE] * len(routes)
     return load_metric("routing_accuracy").compute(predictions=predictions, references=references)

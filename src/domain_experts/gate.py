@@ -14,6 +14,22 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def padded_prompts(tokenizer, texts: list[str], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain texts as `input_ids` and `attention_mask` (`torch.LongTensor`s of shape `(len(texts), longest)`), cut to
+    `max_length` tokens and padded on the tokenizer's padding side with its pad token, or its EOS where it has none
+    (Llama 3's and GPT-2's tokenizers have none): padded positions are masked out, so the id never matters."""
+    rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    longest = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for index, row in enumerate(rows):
+        place = slice(longest - len(row), longest) if tokenizer.padding_side == "left" else slice(0, len(row))
+        input_ids[index, place] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, place] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 @torch.no_grad()
 def prompt_features(model, texts: list[str], batch_size: int = 16, max_length: int = 256,
                     description: str = "gate features") -> torch.Tensor:
@@ -21,10 +37,9 @@ def prompt_features(model, texts: list[str], batch_size: int = 16, max_length: i
     the progress bar)."""
     features = []
     for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", leave=False):
-        batch = model.tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
-                                padding=True, return_tensors="pt")
-        features.append(model.gate_features(batch["input_ids"].to(model.device),
-                                            batch["attention_mask"].to(model.device)).cpu())
+        input_ids, attention_mask = padded_prompts(model.tokenizer, texts[start : start + batch_size], max_length,
+                                                   model.device)
+        features.append(model.gate_features(input_ids, attention_mask).cpu())
     return torch.cat(features)
 
 
