@@ -343,6 +343,11 @@ def test_flex_attention_is_refused():
         DomainExpertsForCausalLM.from_backbone(backbone)
 
 
+def test_a_tokenizer_of_another_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="The tokenizer gives 320 ids, but the backbone has 100 embedding rows"):
+        DomainExpertsForCausalLM.from_backbone(tiny_backbone("llama", vocab_size=100), tokenizer=tiny_tokenizer())
+
+
 def test_unknown_domain_and_bad_arguments(setup):
     model, _ = setup
     model.add_domain("recipes", num_blocks=1)

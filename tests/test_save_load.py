@@ -200,6 +200,11 @@ def test_a_folder_that_is_not_a_saved_model_is_an_error_naming_what_it_is(tmp_pa
         for load in (DomainExpertsForCausalLM.from_pretrained, DomainExpertsConfig.from_pretrained):
             with pytest.raises(ValueError, match=f"{found}, not a saved DomainExperts model.*from_backbone"):
                 load(tmp_path / folder)
+    (tmp_path / "config.json").write_text("{}")
+    for load in (DomainExpertsForCausalLM.from_pretrained, DomainExpertsConfig.from_pretrained):
+        with pytest.raises(ValueError, match="config.json is a file: load the folder that"):
+            load(tmp_path / "config.json")
+    (tmp_path / "config.json").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "empty", "no_type"]  # nothing written
     with pytest.raises(ValueError, match="Cannot load the tokenizer of backbone.*tokenizer=tokenizer"):
         DomainExpertsForCausalLM.from_backbone(str(tmp_path / "backbone"))  # saved without its tokenizer

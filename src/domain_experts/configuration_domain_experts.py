@@ -7,6 +7,7 @@ This file is copied next to every saved model and loaded with `trust_remote_code
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -33,6 +34,14 @@ def check_domain_name(name) -> None:
 CONTROL_EMBEDDINGS = ("bos", "learned")
 """What a domain's control token reads as: the backbone's BOS token, or a row of the domain's own (see
 `DomainExpertsForCausalLM.add_domain`)."""
+
+
+def check_not_a_file(pretrained_model_name_or_path) -> None:
+    """Raise a clear error for a file given where a saved model's folder (or Hub repo id) is expected: transformers
+    would take it for a malformed repo id."""
+    if os.path.isfile(pretrained_model_name_or_path):
+        raise ValueError(f"{pretrained_model_name_or_path} is a file: load the folder that "
+                         "`DomainExpertsForCausalLM.save_pretrained` wrote, or a Hub repo id.")
 
 
 def control_token_for(domain_name: str) -> str:
@@ -153,6 +162,7 @@ class DomainExpertsConfig(PretrainedConfig):
         warning; either would become a default or nonsensical DomainExperts config here, so each is an error naming
         the fix.
         """
+        check_not_a_file(pretrained_model_name_or_path)
         config_dict, unused_kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type")
         if model_type != cls.model_type:

@@ -41,7 +41,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .configuration_domain_experts import (CONTROL_EMBEDDINGS, AdapterConfig, DomainExpertsConfig, check_domain_name,
-                                           control_token_for)
+                                           check_not_a_file, control_token_for)
 from .tokenization_domain_experts import DomainExpertsTokenizer, backbone_pieces, extend_tokenizer, new_tokens_of
 
 
@@ -1491,6 +1491,7 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         The tokenizers are data files of standard transformers classes; code the folder brings for them runs only with
         `trust_remote_code=True`. A tokenizer that cannot be loaded leaves `model.tokenizer` None, with a warning saying why.
         """
+        check_not_a_file(pretrained_model_name_or_path)
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs

@@ -438,6 +438,11 @@ class DomainExpertsTokenizer:
     @classmethod
     def for_backbone(cls, tokenizer: PreTrainedTokenizerBase, backbone_vocab_size: int) -> "DomainExpertsTokenizer":
         """A tokenizer with no domain yet, over a copy of the backbone's `tokenizer` (which is never changed)."""
+        if len(tokenizer) > backbone_vocab_size:
+            raise ValueError(
+                f"The tokenizer gives {len(tokenizer)} ids, but the backbone has {backbone_vocab_size} embedding rows: "
+                "they do not belong together. Pass the backbone's own tokenizer."
+            )
         base = rebuild_tokenizer(tokenizer, json.loads(tokenizer.backend_tokenizer.to_str()))
         _split_special_tokens(base)
         return cls(base, backbone_vocab_size=backbone_vocab_size)
