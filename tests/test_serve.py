@@ -401,13 +401,14 @@ def serve_args(*argv: str) -> argparse.Namespace:
 def test_serve_refuses_other_hosts_without_an_api_key_before_loading_anything(monkeypatch, capsys):
     monkeypatch.delenv("DOMAIN_EXPERTS_API_KEY", raising=False)
     args = serve_args("no/such-model", "--host", "0.0.0.0")
-    with pytest.raises(ValueError, match=r"without an API key .* \(--api-key, or the DOMAIN_EXPERTS_API_KEY"):
+    with pytest.raises(ValueError, match=r"without an API key .* \(`api_key`; on the command line --api-key or the "
+                                         r"DOMAIN_EXPERTS_API_KEY"):
         args.run(args)
     args = serve_args("no/such-model", "--max-batch-size", "0")
     with pytest.raises(ValueError, match="--max-batch-size must be at least 1"):
         args.run(args)
     args = serve_args("no/such-model", "--port", "99999")
-    with pytest.raises(ValueError, match="--port must be in 0-65535"):
+    with pytest.raises(ValueError, match=r"The port must be in 0-65535 \(--port\)"):
         args.run(args)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -18,7 +18,8 @@ def check_host(host: str, api_key: str | None) -> None:
     if api_key is None and host not in LOOPBACK_HOSTS:
         raise ValueError(
             f"Serving on {host} without an API key would let anyone who reaches this machine use the model: set an "
-            f"API key (--api-key, or the {API_KEY_ENVIRONMENT_VARIABLE} environment variable), or serve on 127.0.0.1."
+            f"API key (`api_key`; on the command line --api-key or the {API_KEY_ENVIRONMENT_VARIABLE} environment "
+            "variable), or serve on 127.0.0.1."
         )
     if api_key is not None and not api_key.strip():
         raise ValueError("The API key is empty: give a non-empty key, or none to serve on 127.0.0.1 only.")
@@ -28,7 +29,7 @@ def check_port(host: str, port: int) -> None:
     """Refuse a port out of range, an address that is not this machine's, or a port another server holds, before the
     model loads (minutes, for a large one) rather than after."""
     if not 0 <= port <= 65535:
-        raise ValueError(f"--port must be in 0-65535, got {port}.")
+        raise ValueError(f"The port must be in 0-65535 (--port), got {port}.")
     # The socket uvicorn binds: IPv6 for an address with a colon, else IPv4, reusing a port that is closing.
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -36,7 +37,7 @@ def check_port(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as error:
             raise OSError(f"Cannot listen on {host}:{port} ({error.strerror}): give an address of this machine "
-                          "(--host) and a port no other server holds (--port).") from None
+                          "(`host`, --host) and a port no other server holds (`port`, --port).") from None
 
 
 def serve(
