@@ -134,6 +134,9 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
         ({"train_file": "empty"}, "training data is empty"),
         ({"train_file": "missing.jsonl"}, "No such data file"),
         ({"validation_file": "/"}, r"/ is a folder: give a data file \(.jsonl"),
+        ({"checkpoint_steps": -1}, "--eval-steps, --checkpoint-steps and --keep-checkpoints must be 0 or more"),
+        ({"max_train_samples": 0}, "--max-train-samples must be at least 1"),
+        ({"vocab_size": 100}, "--vocab-size sizes the tokenizer of a backbone pretrained with --preset"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_work(tiny_model_dir, tmp_path, monkeypatch, change, message):

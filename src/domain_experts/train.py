@@ -163,6 +163,15 @@ def _validate(config: TrainingConfig) -> None:
         raise ValueError(f"--learning-rate must be positive, got {config.learning_rate}.")
     if config.weight_decay < 0 or config.warmup_steps < 0 or config.max_grad_norm < 0:
         raise ValueError("--weight-decay, --warmup-steps and --max-grad-norm must be 0 or more.")
+    if config.eval_steps < 0 or config.checkpoint_steps < 0 or config.keep_checkpoints < 0:
+        raise ValueError("--eval-steps, --checkpoint-steps and --keep-checkpoints must be 0 or more (0: only at the "
+                         "end, never, all).")
+    for flag, value in (("--max-train-samples", config.max_train_samples), ("--max-eval-samples", config.max_eval_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1 (leave it out to use every row), got {value}.")
+    if config.vocab_size != TrainingConfig.vocab_size and not config.preset:
+        raise ValueError("--vocab-size sizes the tokenizer of a backbone pretrained with --preset; a domain's own tokens "
+                         "are --new-tokens.")
     if not 0.0 <= config.control_token_dropout <= 1.0:
         raise ValueError(f"control_token_dropout must be in [0, 1], got {config.control_token_dropout}.")
     if config.lr_scheduler not in {s.value for s in SchedulerType}:
