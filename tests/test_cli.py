@@ -116,3 +116,17 @@ def test_a_file_given_as_a_model_is_reported_as_a_file(tmp_path, capsys):
         assert code == 2
         error = capsys.readouterr().err
         assert f"{data_file} is a file: give a model folder or a Hub repo id." in error, error
+
+
+def test_counts_below_their_minimum_are_refused_by_the_parser(tmp_path, capsys):
+    """`--max-length 0` measured nothing and `--max-samples -1` dropped each file's last text, without a word."""
+    for command, message in [(["eval", str(tmp_path), "--data", "none=x.jsonl", "--max-length", "0"],
+                              "argument --max-length: must be at least 2, got 0"),
+                             (["eval", str(tmp_path), "--data", "none=x.jsonl", "--max-samples", "-1"],
+                              "argument --max-samples: must be at least 1, got -1"),
+                             (["train-gate", str(tmp_path), "--data", "none=x.jsonl", "--max-samples", "0",
+                               "--output-dir", str(tmp_path / "out")], "argument --max-samples: must be at least 1")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

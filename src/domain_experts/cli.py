@@ -110,6 +110,18 @@ def _hub_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="a Hugging Face token (default: HF_TOKEN or the saved login)")
 
 
+def _at_least(minimum: int):
+    """argparse type of an integer option that must be `minimum` or more."""
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    parse.__name__ = "integer"  # argparse names the type in its "invalid integer value" message
+    return parse
+
+
 def _location(value: str) -> str:
     """argparse type of a model or pack given as a local folder or a Hub repo id."""
     try:
@@ -260,7 +272,7 @@ def _data_options(parser: argparse.ArgumentParser, what: str) -> None:
                              f"{'/'.join(TEXT_FILE_BUILDERS)} file; repeatable, files of one NAME add up")
     parser.add_argument("--text-column", default="text",
                         help="the column holding the text, where a --data spec names none (default: text)")
-    parser.add_argument("--max-samples", type=int, help="use the first N texts of each file")
+    parser.add_argument("--max-samples", type=_at_least(1), help="use the first N texts of each file")
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
@@ -333,7 +345,7 @@ def add_training_commands(commands) -> None:
                                   "both (default: token)")
     eval_parser.add_argument("--reference", type=_location,
                              help="also report forgetting: bits per character against this model (e.g. the backbone)")
-    eval_parser.add_argument("--max-length", type=int, default=512,
+    eval_parser.add_argument("--max-length", type=_at_least(2), default=512,
                              help="cut texts to this many tokens (default: 512)")
     eval_parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     eval_parser.add_argument("--output", help="also write the report to this JSON file")
