@@ -60,3 +60,13 @@ def test_gate_routes_test_splits_at_98_percent(smollm2):
                                    None: load_texts("strategyqa", "test", "question")})
     print(result)
     assert result["accuracy"] >= 0.98, result
+
+
+def test_a_gguf_backbone_folder_loads_with_its_tokenizer(smollm2):
+    """`from_backbone(folder, gguf_file=...)`: the folder holds only the GGUF file, which gives weights and tokenizer."""
+    from domain_experts.smollm2 import GGUF_FILE, smollm2_folder
+
+    backbone, tokenizer = smollm2
+    model = DomainExpertsForCausalLM.from_backbone(str(smollm2_folder()), gguf_file=GGUF_FILE)
+    assert len(model.tokenizer) == len(tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(), backbone.state_dict().values()))

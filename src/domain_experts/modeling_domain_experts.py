@@ -1575,7 +1575,9 @@ def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
         except ImportError as error:
             raise ImportError('from_backbone("smollm2") needs `pip install domain_experts`.') from error
         return load_smollm2()
-    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+    # What transformers loads a causal LM folder from: its config, a PEFT adapter's (naming its base) or a GGUF file.
+    model_files = ("config.json", "adapter_config.json", from_pretrained_kwargs.get("gguf_file") or "config.json")
+    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f)) for f in model_files):
         raise ValueError(
             f"{name_or_path} holds no config.json: it is not a model folder. A backbone is a causal LM saved with "
             "`save_pretrained` (or a Hub id); a domain pack goes onto its backbone with `model.load_domain(pack)` or "
@@ -1598,7 +1600,8 @@ def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
             f"{name_or_path} is a saved DomainExperts model, not a backbone: load it with "
             "`DomainExpertsForCausalLM.from_pretrained` (its domains come with it), then add packs with `load_domain`."
         )
-    hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+    hub_kwargs = {k: v for k, v in kwargs.items()
+                  if k in ("revision", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
     except (OSError, ValueError) as error:  # transformers' message for missing files speaks of slow tokenizers
