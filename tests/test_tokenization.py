@@ -226,6 +226,15 @@ def test_batch_encoding_with_padding_matches_rows_alone(scratch_model):
             assert (mask[: len(alone)].all() if side == "right" else mask[-len(alone):].all())
 
 
+def test_text_that_is_not_text_is_a_clear_error(scratch_model):
+    model, _ = scratch_model
+    model.add_domain("recipes", num_blocks=1)
+    for text, got in [(None, "NoneType"), (5, "int"), ([], r"\[\]"), (["Soup", 5], r"\['Soup', 5\]")]:
+        for domain in ("recipes", None):
+            with pytest.raises(ValueError, match=f"text must be a string or a non-empty list of strings, got {got}"):
+                model.tokenizer(text, domain=domain)
+
+
 @settings(max_examples=50, deadline=None)
 @given(text=st.text(min_size=1, max_size=120))
 def test_model_domain_tokenizer_roundtrip_and_plain_text_never_routes(recipes_model, text):

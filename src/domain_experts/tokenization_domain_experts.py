@@ -324,6 +324,10 @@ class DomainExpertsTokenizer:
             `BatchEncoding` with `input_ids` and `attention_mask`.
         """
         single = isinstance(text, str)
+        is_batch = isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text)
+        if not (single or is_batch or kwargs.get("is_split_into_words")):
+            got = repr(text)[:80] if isinstance(text, (list, tuple)) else type(text).__name__
+            raise ValueError(f"text must be a string or a non-empty list of strings, got {got}.")
         texts = [text] if single else list(text)
         domains = self._row_domains(domain, len(texts))
         if all(name is None for name in domains):
