@@ -114,6 +114,9 @@ def test_unknown_corpora_and_splits_are_refused():
         corpus_path("poems", "train")
     with pytest.raises(ValueError, match="no split 'extra'"):
         corpus_path("recipes", "extra")
+    with pytest.raises(ValueError, match=r"'strategyqa' has no column 'text'; its columns are \['answer', 'explanation', "
+                                         r"'question'\]"):
+        load_texts("strategyqa", "validation")
 
 
 def test_a_missing_split_is_rebuilt_into_the_cache(cache_with_sources):

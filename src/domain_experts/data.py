@@ -341,4 +341,7 @@ def rebuild_corpus(name: str, folder: str | os.PathLike | None = None) -> dict[s
 def load_texts(name: str, split: str, column: str = "text") -> list[str]:
     """The texts of one split (for strategyqa, pass `column="question"` or `"explanation"`)."""
     with open(corpus_path(name, split), encoding="utf-8") as file:
-        return [json.loads(line)[column] for line in file if line.strip()]
+        rows = [json.loads(line) for line in file if line.strip()]
+    if rows and column not in rows[0]:
+        raise ValueError(f"Corpus {name!r} has no column {column!r}; its columns are {sorted(rows[0])}.")
+    return [row[column] for row in rows]
