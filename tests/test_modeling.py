@@ -407,7 +407,7 @@ def test_two_threads_share_one_model(setup):
     failures = []
 
     def run(index: int) -> None:
-        for _ in range(15):
+        for _ in range(8):  # 32 calls in 4 threads per family: 18 families make it the suite's costliest test
             got = (model_logits(model, batches[index]), model.generate(**batches[index], max_new_tokens=4, do_sample=False))
             if not (torch.equal(got[0], expected[index][0]) and torch.equal(got[1], expected[index][1])):
                 failures.append(index)
