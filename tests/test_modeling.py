@@ -255,6 +255,11 @@ def test_cache_of_another_class_is_refused(setup):
     model.add_domain("recipes", num_blocks=1)
     with pytest.raises(TypeError, match="needs the cache it creates itself"):
         model(**make_batch(model, [(TEXTS["recipes"], "recipes")]), cache=DynamicCache(), use_cache=True)
+    # transformers: "Assisted decoding requires a cache", a RuntimeError naming nothing the caller passed
+    batch = make_batch(model, [(TEXTS["recipes"], "recipes")])
+    for assisted in ({"assistant_model": model}, {"prompt_lookup_num_tokens": 2}):
+        with pytest.raises(ValueError, match=f"does not support assisted generation \\({next(iter(assisted))}\\)"):
+            model.generate(**batch, max_new_tokens=2, **assisted)
 
 
 # f. training one domain changes only that domain -----------------------------------------------------------------

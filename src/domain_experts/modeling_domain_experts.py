@@ -1459,6 +1459,18 @@ class DomainExpertsForCausalLM(DomainExpertsPreTrainedModel, GenerationMixin):
         # `forward` builds the cache itself: it needs layers for the expansion blocks besides the backbone's.
         return False
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, refusing assisted generation (`assistant_model`, `prompt_lookup_num_tokens`)
+        with a clear error: it needs a cache before the first forward, and this model's cache is made by that forward
+        (its expansion layers hold the rows of their domain, known once the prompt is routed)."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        assisted = [name for name in ("assistant_model", "prompt_lookup_num_tokens")
+                    if kwargs.get(name) is not None or getattr(generation_config, name, None) is not None]
+        if assisted:
+            raise ValueError(f"DomainExpertsForCausalLM does not support assisted generation ({', '.join(assisted)}): "
+                             "generate without it.")
+        return super().generate(*args, **kwargs)
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         # Rows are routed once, on the prompt; later steps keep that route, with or without a cache.
