@@ -228,6 +228,10 @@ def test_a_backbone_that_is_not_one_is_an_error_naming_what_it_is(tmp_path):
                                          "`DomainExpertsForCausalLM.from_pretrained`"):
         DomainExpertsForCausalLM.from_backbone(str(tmp_path / "model"))
     assert load_model(str(tmp_path / "model")).domain_names == ["recipes"]
+    # a backbone kept in a subfolder is a model folder all the same
+    tiny_backbone("llama").save_pretrained(tmp_path / "repo" / "backbone")
+    tiny_tokenizer().save_pretrained(tmp_path / "repo" / "backbone")
+    assert DomainExpertsForCausalLM.from_backbone(str(tmp_path / "repo"), subfolder="backbone").domain_names == []
 
 
 def test_tokenizer_code_in_a_saved_folder_never_runs_unasked(tmp_path):

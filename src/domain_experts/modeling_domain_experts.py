@@ -1588,8 +1588,9 @@ def _load_backbone(name_or_path: str, from_pretrained_kwargs: dict):
             raise ImportError('from_backbone("smollm2") needs `pip install domain_experts`.') from error
         return load_smollm2()
     # What transformers loads a causal LM folder from: its config, a PEFT adapter's (naming its base) or a GGUF file.
-    model_files = ("config.json", "adapter_config.json", from_pretrained_kwargs.get("gguf_file") or "config.json")
-    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f)) for f in model_files):
+    folder = os.path.join(name_or_path, from_pretrained_kwargs.get("subfolder") or "")
+    model_files = ["config.json", "adapter_config.json", *filter(None, [from_pretrained_kwargs.get("gguf_file")])]
+    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(folder, f)) for f in model_files):
         raise ValueError(
             f"{name_or_path} holds no config.json: it is not a model folder. A backbone is a causal LM saved with "
             "`save_pretrained` (or a Hub id); a domain pack goes onto its backbone with `model.load_domain(pack)` or "
