@@ -66,6 +66,11 @@ def test_train_flags_come_from_training_config():
     for wrong in (["--output_dir", "out"], ["--output-dir", "out", "--add-domain", "true"]):
         with pytest.raises(SystemExit):
             parse_training_config(wrong)
+    # The token start's defaults are written twice (the command line does not import torch): they must agree.
+    from domain_experts.token_init import TokenInitConfig
+
+    assert (TrainingConfig.token_init_distill_steps, TrainingConfig.token_init_distill_length) == \
+        (TokenInitConfig.distill_steps, TokenInitConfig.distill_length)
 
 
 def test_help_keeps_the_line_breaks_of_its_examples(capsys):
